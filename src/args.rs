@@ -1,0 +1,64 @@
+//! Command line, following the vhost-user spec's backend program conventions
+//! (`--socket-path`, `--fd`, `--print-capabilities`, `--blk-file`, `--read-only`).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::engine::EngineKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vublk",
+    version,
+    about = "vhost-user-blk daemon: serves a disk image to QEMU, cloud-hypervisor or libblkio",
+    after_help = "Exactly one of --socket-path or --fd is required. \
+                  RUST_LOG overrides --log-level."
+)]
+pub struct Args {
+    /// Listen on this UNIX socket path (a stale socket file is replaced; one held by a live
+    /// process is refused).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Serve an already-bound, listening UNIX socket inherited as file descriptor N.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Disk image to serve: a raw image file or a block device.
+    #[arg(long, value_name = "IMAGE")]
+    pub blk_file: Option<PathBuf>,
+
+    /// Open the image read-only and offer VIRTIO_BLK_F_RO; writes fail with IOERR.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Queues offered (1-64). QEMU's vhost-user-blk-pci asks for one per vCPU by default, so
+    /// this must be at least the VM's vCPU count; idle queues cost a sleeping thread each.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub num_queues: u16,
+
+    /// Largest ring size a frontend may set (power of two, 64-32768).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u16,
+
+    /// Serial returned by GET_ID (at most 20 bytes) [default: derived from the image path].
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+
+    /// Logical block size the guest sees (512 or 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    pub logical_block_size: u32,
+
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
+    pub engine: EngineKind,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}

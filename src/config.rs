@@ -1,0 +1,200 @@
+//! Validated configuration: everything checkable without touching the image.
+
+use std::path::{Path, PathBuf};
+
+use crate::args::Args;
+use crate::engine::EngineKind;
+
+/// Where the vhost-user socket comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Bind this path ourselves.
+    Path(PathBuf),
+    /// An inherited listening socket (`--fd`, or systemd socket activation).
+    Fd(i32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: Listen,
+    pub image: PathBuf,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Exactly what GET_ID returns, NUL-padded by the device to 20 bytes.
+    pub serial: Vec<u8>,
+    pub logical_block_size: u32,
+    pub engine: EngineKind,
+    pub log_level: log::LevelFilter,
+}
+
+/// A flag combination or value we refuse; printed as one line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("one of --socket-path or --fd is required")]
+    NoSocket,
+    #[error("--blk-file is required")]
+    NoImage,
+    #[error("--num-queues must be 1-64, got {0}")]
+    NumQueues(u16),
+    #[error("--queue-size must be a power of two in 64-32768, got {0}")]
+    QueueSize(u16),
+    #[error("--logical-block-size must be 512 or 4096, got {0}")]
+    BlockSize(u32),
+    #[error("--serial is {0} bytes; GET_ID holds at most 20")]
+    SerialTooLong(usize),
+    #[error("--fd {0} is not a valid descriptor number (need 3 or more)")]
+    BadFd(i32),
+    #[error("socket directory {0} does not exist")]
+    SocketDir(PathBuf),
+    #[error("unknown --log-level {0:?} (use error, warn, info, debug or trace)")]
+    LogLevel(String),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let listen = match (a.socket_path, a.fd) {
+            (Some(p), None) => {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    return Err(ConfigError::SocketDir(dir));
+                }
+                Listen::Path(p)
+            }
+            (None, Some(fd)) if fd >= 3 => Listen::Fd(fd),
+            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+            _ => return Err(ConfigError::NoSocket),
+        };
+        let image = a.blk_file.ok_or(ConfigError::NoImage)?;
+        if !(1..=64).contains(&a.num_queues) {
+            return Err(ConfigError::NumQueues(a.num_queues));
+        }
+        if !a.queue_size.is_power_of_two() || a.queue_size < 64 {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        if a.logical_block_size != 512 && a.logical_block_size != 4096 {
+            return Err(ConfigError::BlockSize(a.logical_block_size));
+        }
+        let serial = match a.serial {
+            Some(s) if s.len() > 20 => return Err(ConfigError::SerialTooLong(s.len())),
+            Some(s) => s.into_bytes(),
+            None => default_serial(&image),
+        };
+        let log_level = a
+            .log_level
+            .parse()
+            .map_err(|_| ConfigError::LogLevel(a.log_level.clone()))?;
+        Ok(Config {
+            listen,
+            image,
+            read_only: a.read_only,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial,
+            logical_block_size: a.logical_block_size,
+            engine: a.engine,
+            log_level,
+        })
+    }
+}
+
+/// A stable id for an image: FNV-1a of its canonical path, so restarts and reconnects see the
+/// same serial and `/dev/disk/by-id` links survive.
+pub fn default_serial(image: &Path) -> Vec<u8> {
+    let canon = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("vublk-{h:014x}").into_bytes()[..20].to_vec()
+}
+
+/// The vhost-user spec's `--print-capabilities` document for a block backend.
+pub fn capabilities_json() -> &'static str {
+    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["vublk"];
+        v.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(v).expect("clap accepts"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--socket-path", "/tmp/x.sock", "--blk-file", "/img"]).unwrap();
+        assert_eq!(c.listen, Listen::Path("/tmp/x.sock".into()));
+        assert_eq!(c.num_queues, 16);
+        assert_eq!(c.queue_size, 1024);
+        assert_eq!(c.logical_block_size, 512);
+        assert_eq!(c.engine, EngineKind::Sync);
+        assert_eq!(c.serial.len(), 20);
+        assert!(c.serial.starts_with(b"vublk-"));
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+    }
+
+    #[test]
+    fn spec_style_equals_flags() {
+        let c = parse(&["--fd=3", "--blk-file=/img", "--read-only"]).unwrap();
+        assert_eq!(c.listen, Listen::Fd(3));
+        assert!(c.read_only);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let base = ["--socket-path", "/tmp/x.sock", "--blk-file", "/img"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        assert_eq!(with(&["--num-queues", "0"]), Err(ConfigError::NumQueues(0)));
+        assert_eq!(with(&["--num-queues", "65"]), Err(ConfigError::NumQueues(65)));
+        assert_eq!(with(&["--queue-size", "100"]), Err(ConfigError::QueueSize(100)));
+        assert_eq!(with(&["--queue-size", "32"]), Err(ConfigError::QueueSize(32)));
+        assert_eq!(
+            with(&["--logical-block-size", "1024"]),
+            Err(ConfigError::BlockSize(1024))
+        );
+        assert_eq!(
+            with(&["--serial", "123456789012345678901"]),
+            Err(ConfigError::SerialTooLong(21))
+        );
+        assert!(matches!(
+            with(&["--log-level", "loud"]),
+            Err(ConfigError::LogLevel(_))
+        ));
+        assert_eq!(parse(&["--blk-file", "/img"]), Err(ConfigError::NoSocket));
+        assert_eq!(parse(&["--fd", "3"]), Err(ConfigError::NoImage));
+        assert_eq!(parse(&["--fd", "1", "--blk-file", "/i"]), Err(ConfigError::BadFd(1)));
+        assert_eq!(
+            parse(&["--socket-path", "/nonexistent-dir/s", "--blk-file", "/i"]),
+            Err(ConfigError::SocketDir("/nonexistent-dir".into()))
+        );
+    }
+
+    #[test]
+    fn serial_is_stable_and_explicit_wins() {
+        assert_eq!(default_serial(Path::new("/a/b")), default_serial(Path::new("/a/b")));
+        assert_ne!(default_serial(Path::new("/a/b")), default_serial(Path::new("/a/c")));
+        let c = parse(&["--fd", "3", "--blk-file", "/i", "--serial", "disk0"]).unwrap();
+        assert_eq!(c.serial, b"disk0");
+    }
+
+    #[test]
+    fn both_socket_kinds_conflict() {
+        let r = Args::try_parse_from(["vublk", "--fd", "3", "--socket-path", "/s", "--blk-file", "/i"]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! The daemon: listener, serve-again loop, signals, readiness notification.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{error, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonLibError, ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::blk::DeviceGeometry;
+use crate::config::{Config, Listen};
+use crate::engine::sync::SyncEngine;
+use crate::engine::{Engine, EngineKind};
+use crate::image::{Image, ImageError};
+use crate::vhu_blk::{BackendError, VhuBlk};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("socket {0} is in use by a running process (another vublk?); refusing to take it over")]
+    SocketInUse(PathBuf),
+    #[error("socket path {0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot create socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--fd {fd}: {why}")]
+    BadFd { fd: RawFd, why: String },
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("vhost-user daemon: {0}")]
+    VhostUser(String),
+    #[error("final fdatasync of the image failed")]
+    FinalSync(#[source] io::Error),
+}
+
+/// State shared with the signal thread.
+struct Control {
+    stop: AtomicBool,
+    listen_fd: RawFd,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Control {
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
+        // SAFETY: plain syscall on an fd that lives as long as `run`, which outlives this use.
+        unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
+        if let Some(h) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.shutdown();
+        }
+    }
+}
+
+/// Sends a systemd notification if `NOTIFY_SOCKET` is set (no-op otherwise).
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.as_encoded_bytes();
+    let addr = if let Some(name) = path.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+    } else {
+        std::os::unix::net::SocketAddr::from_pathname(Path::new(std::ffi::OsStr::from_bytes(path)))
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        warn!("sd_notify {state:?} failed: {e}");
+    }
+}
+
+use std::os::unix::ffi::OsStrExt;
+
+/// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
+fn bind_path(path: &Path) -> Result<UnixListener, DaemonError> {
+    let bind_err = |source| DaemonError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(l) => return Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
+    if !meta.file_type().is_socket() {
+        return Err(DaemonError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(DaemonError::SocketInUse(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            info!("replacing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(bind_err)?;
+            UnixListener::bind(path).map_err(bind_err)
+        }
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// Takes over an inherited listening socket after checking it is one.
+fn adopt_fd(fd: RawFd) -> Result<UnixListener, DaemonError> {
+    let bad = |why: String| DaemonError::BadFd { fd, why };
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`, a live local.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(bad(format!("not a socket ({})", io::Error::last_os_error())));
+    }
+    if val == 0 {
+        return Err(bad("socket is not listening".into()));
+    }
+    let mut domain: libc::c_int = 0;
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 || domain != libc::AF_UNIX {
+        return Err(bad("not a UNIX socket".into()));
+    }
+    // SAFETY: the fd was handed to us to own (--fd convention); checked to be a listening
+    // AF_UNIX socket above, and nothing else in this process uses it.
+    let l = unsafe { UnixListener::from_raw_fd(fd) };
+    // SAFETY: plain fcntl on an fd we now own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(l)
+}
+
+/// Blocks the termination signals in every thread (threads inherit the mask) and returns the
+/// set for the signal thread to `sigwait` on.
+fn block_signals() -> Result<libc::sigset_t, DaemonError> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; pthread_sigmask only reads it.
+    let r = unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(DaemonError::Signals(io::Error::from_raw_os_error(r)));
+    }
+    Ok(set)
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, ctl: Arc<Control>) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is an initialised sigset_t and `sig` a live local.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                match sig {
+                    libc::SIGHUP => info!("SIGHUP: nothing to reload"),
+                    _ => {
+                        info!("signal {sig}: shutting down");
+                        ctl.request_stop();
+                        return;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(DaemonError::Signals)
+}
+
+fn open_engine(cfg: &Config, image: &Image) -> Arc<dyn Engine> {
+    match cfg.engine {
+        EngineKind::Sync => Arc::new(SyncEngine::new(image)),
+    }
+}
+
+/// Disconnect "errors" that are just a frontend going away.
+fn is_normal_disconnect(e: &DaemonLibError) -> bool {
+    matches!(
+        e,
+        DaemonLibError::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage | VhostUserError::SocketBroken(_)
+        )
+    )
+}
+
+/// Serves frontends one after another until SIGTERM/SIGINT.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let sigset = block_signals()?;
+    let image = Image::open(&cfg.image, cfg.read_only, cfg.logical_block_size)?;
+    let engine = open_engine(&cfg, &image);
+    let info = engine.info().clone();
+    let geo = DeviceGeometry {
+        size: info.size,
+        logical_block_size: cfg.logical_block_size,
+        physical_block_size: info.physical_block_size.max(cfg.logical_block_size),
+        num_queues: cfg.num_queues,
+        queue_size: cfg.queue_size,
+        read_only: info.read_only,
+        discard: info.discard,
+        write_zeroes: info.write_zeroes,
+    };
+    let (listener, owned_path) = match &cfg.listen {
+        Listen::Path(p) => (bind_path(p)?, Some(p.clone())),
+        Listen::Fd(fd) => (adopt_fd(*fd)?, None),
+    };
+    let ctl = Arc::new(Control {
+        stop: AtomicBool::new(false),
+        listen_fd: listener.as_raw_fd(),
+        conn: Mutex::new(None),
+    });
+    spawn_signal_thread(sigset, Arc::clone(&ctl))?;
+    let mut listener = Listener::from(listener);
+
+    info!(
+        "serving {} ({} bytes{}, engine {}, {} queues, discard {}, serial {:?}) on {}",
+        image.path.display(),
+        info.size,
+        if info.read_only { ", read-only" } else { "" },
+        cfg.engine,
+        cfg.num_queues,
+        if info.discard { "on" } else { "off" },
+        String::from_utf8_lossy(&cfg.serial),
+        match &cfg.listen {
+            Listen::Path(p) => p.display().to_string(),
+            Listen::Fd(fd) => format!("fd {fd}"),
+        }
+    );
+    sd_notify("READY=1\nSTATUS=waiting for a frontend");
+
+    let result = serve_loop(&ctl, &mut listener, &*engine, &geo, &cfg.serial);
+    sd_notify("STOPPING=1");
+    let synced = engine.sync_all().map_err(DaemonError::FinalSync);
+    if let Some(p) = owned_path {
+        let _ = std::fs::remove_file(&p);
+    }
+    result.and(synced)
+}
+
+fn serve_loop(
+    ctl: &Control,
+    listener: &mut Listener,
+    engine: &dyn Engine,
+    geo: &DeviceGeometry,
+    serial: &[u8],
+) -> Result<(), DaemonError> {
+    let mut conn_no = 0u64;
+    while !ctl.stop.load(Ordering::SeqCst) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = VhuBlk::new(engine, geo.clone(), serial, mem.clone())?;
+        let mut daemon = VhostUserDaemon::new("vublk".into(), backend.clone(), mem)
+            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            if ctl.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            return Err(DaemonError::VhostUser(format!("accept failed: {e}")));
+        }
+        conn_no += 1;
+        info!("frontend #{conn_no} connected");
+        sd_notify(&format!("STATUS=serving frontend #{conn_no}, {} queues", geo.num_queues));
+        *ctl.conn.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        if ctl.stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
+        let res = daemon.wait();
+        ctl.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match res {
+            Ok(()) => info!("frontend #{conn_no} disconnected"),
+            Err(e) if is_normal_disconnect(&e) => info!("frontend #{conn_no} disconnected"),
+            Err(e) => warn!("frontend #{conn_no} dropped: {e}"),
+        }
+        // Dropping the daemon stops and joins the queue threads; each finishes the kick it is
+        // processing, so every request it took from the ring is completed first.
+        drop(daemon);
+        if let Err(e) = engine.sync_all() {
+            error!("fdatasync after disconnect failed: {e}");
+        }
+        sd_notify("STATUS=waiting for a frontend");
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Storage engines: how requests reach the image.
+//!
+//! The interface is submission/completion so that an asynchronous engine (io_uring, a thread
+//! pool) fits without changing the worker: a queue [`EngineQueue::submit`]s ops tagged by the
+//! worker and hands results back from [`EngineQueue::reap`]. A synchronous engine simply
+//! completes each op inside `submit`.
+
+pub mod sync;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::blk::GuestIoVecs;
+
+/// One unit of work for an engine. Offsets and lengths are in bytes and already validated
+/// against the image size.
+#[derive(Debug)]
+pub enum Op {
+    /// Read into guest buffers.
+    Read { offset: u64, bufs: GuestIoVecs },
+    /// Write from guest buffers; `fua` makes it durable before it completes (write-through).
+    Write {
+        offset: u64,
+        bufs: GuestIoVecs,
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate ranges; they read back as zeros afterwards.
+    Discard { ranges: Vec<(u64, u64)> },
+    /// Zero ranges; `unmap` allows deallocating instead of writing zeros.
+    WriteZeroes { ranges: Vec<(u64, u64)>, unmap: bool },
+}
+
+/// Result of one op: bytes transferred (0 for non-data ops) or the error.
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: io::Result<u64>,
+}
+
+/// Static facts about the opened image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineInfo {
+    pub size: u64,
+    pub read_only: bool,
+    /// Punch-hole works (DISCARD, and WRITE_ZEROES with UNMAP).
+    pub discard: bool,
+    /// Zero-range or punch-hole works (WRITE_ZEROES).
+    pub write_zeroes: bool,
+    /// Block size the host storage prefers (st_blksize), for the topology hint.
+    pub physical_block_size: u32,
+}
+
+/// An opened image shared by all queues.
+pub trait Engine: Send + Sync {
+    fn info(&self) -> &EngineInfo;
+    /// Per-queue submission context; each worker owns one, so queues share no lock.
+    fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>>;
+    /// Make all completed writes durable (shutdown, disconnect).
+    fn sync_all(&self) -> io::Result<()>;
+}
+
+/// One queue's submission/completion context.
+pub trait EngineQueue: Send {
+    /// Starts `op`; its result is returned by a later [`reap`](Self::reap) with `tag`.
+    fn submit(&mut self, tag: u64, op: Op);
+    /// Moves finished ops into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+    /// Ops submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// An fd that becomes readable when completions are ready (asynchronous engines).
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// Engine choice on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Positional vectored I/O on the page cache, completed inline by the queue's worker.
+    Sync,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Sync => "sync",
+        })
+    }
+}

@@ -1,0 +1,198 @@
+//! The sync engine: `preadv2`/`pwritev2` at an offset straight between guest memory and the
+//! image (zero copy), `fdatasync` for flush, `fallocate` for discard and write-zeroes. The file
+//! is shared by all queues without a lock: positional I/O needs none.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use super::{Completion, Engine, EngineInfo, EngineQueue, Op};
+use crate::image::Image;
+
+/// Bytes of zeros written per call when the filesystem cannot zero a range itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub struct SyncEngine {
+    file: Arc<File>,
+    info: EngineInfo,
+    zero_range: bool,
+}
+
+impl SyncEngine {
+    pub fn new(image: &Image) -> Self {
+        SyncEngine {
+            file: Arc::clone(&image.file),
+            info: image.info.clone(),
+            zero_range: image.zero_range,
+        }
+    }
+}
+
+impl Engine for SyncEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>> {
+        Ok(Box::new(SyncQueue {
+            file: Arc::clone(&self.file),
+            zero_range: self.zero_range,
+            done: Vec::new(),
+        }))
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+struct SyncQueue {
+    file: Arc<File>,
+    zero_range: bool,
+    done: Vec<Completion>,
+}
+
+impl EngineQueue for SyncQueue {
+    fn submit(&mut self, tag: u64, op: Op) {
+        let result = execute(&self.file, self.zero_range, op);
+        self.done.push(Completion { tag, result });
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
+    match op {
+        Op::Read { offset, bufs } => {
+            rw_all(file, bufs.iovecs(), offset, false, 0)?;
+            Ok(bufs.len())
+        }
+        Op::Write { offset, bufs, fua } => {
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            rw_all(file, bufs.iovecs(), offset, true, flags)?;
+            Ok(bufs.len())
+        }
+        Op::Flush => file.sync_data().map(|_| 0),
+        Op::Discard { ranges } => {
+            for (off, len) in ranges {
+                fallocate(file, PUNCH, off, len)?;
+            }
+            Ok(0)
+        }
+        Op::WriteZeroes { ranges, unmap } => {
+            for (off, len) in ranges {
+                write_zeroes(file, zero_range, off, len, unmap)?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+pub(crate) const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub(crate) const ZERO: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+pub(crate) fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (off, len) = (to_off(off)?, to_off(len)?);
+    loop {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Zeroes a range: deallocate if allowed, else zero-range, else plain writes of zeros.
+fn write_zeroes(file: &File, zero_range: bool, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+    if unmap && fallocate(file, PUNCH, off, len).is_ok() {
+        return Ok(());
+    }
+    if zero_range && fallocate(file, ZERO, off, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        let iov = [libc::iovec {
+            iov_base: zeros.as_ptr() as *mut libc::c_void,
+            iov_len: n,
+        }];
+        rw_all(file, &iov, off + done, true, 0)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// Transfers every byte of `iov` at `offset`, resuming after short transfers. `iov` must point
+/// to memory valid for the whole call (guest memory pinned by a `GuestIoVecs`, or a local).
+pub(crate) fn rw_all(
+    file: &File,
+    iov: &[libc::iovec],
+    mut offset: u64,
+    write: bool,
+    flags: libc::c_int,
+) -> io::Result<()> {
+    // Work on a copy so a short transfer can advance into the middle of a segment.
+    let mut iov: Vec<libc::iovec> = iov.iter().filter(|v| v.iov_len > 0).copied().collect();
+    let mut start = 0;
+    while start < iov.len() {
+        let cnt = (iov.len() - start).min(libc::UIO_MAXIOV as usize);
+        let off = to_off(offset)?;
+        let ptr = iov[start..].as_ptr();
+        // SAFETY: `ptr[..cnt]` are iovecs describing memory the caller keeps valid and that no
+        // Rust reference aliases mutably (guest memory or a local buffer); the kernel bounds
+        // the transfer by those lengths.
+        let n = unsafe {
+            if write {
+                libc::pwritev2(file.as_raw_fd(), ptr, cnt as libc::c_int, off, flags)
+            } else {
+                libc::preadv2(file.as_raw_fd(), ptr, cnt as libc::c_int, off, flags)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // The image shrank under us (someone truncated it): fail instead of spinning.
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 && start < iov.len() {
+            let v = &mut iov[start];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                start += 1;
+            } else {
+                // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Opening the disk image: permissions, size, and what the filesystem underneath can do.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::EngineInfo;
+use crate::engine::sync::{PUNCH, ZERO, fallocate};
+
+/// Why an image cannot be served; messages are meant for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {0}: no such file")]
+    NotFound(PathBuf),
+    #[error("image {0}: permission denied (need {1} access; check owner/mode or use --read-only)")]
+    Permission(PathBuf, &'static str),
+    #[error("image {0} is a directory, not a disk image")]
+    IsDirectory(PathBuf),
+    #[error("image {0} is neither a regular file nor a block device")]
+    NotAFile(PathBuf),
+    #[error("image {path}: cannot open")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path}: cannot read its size")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "image {path} is {size} bytes, not a multiple of the {block}-byte logical block size; \
+         resize it to a multiple (e.g. qemu-img resize)"
+    )]
+    Unaligned { path: PathBuf, size: u64, block: u32 },
+    #[error("image {0} is empty")]
+    Empty(PathBuf),
+}
+
+/// An opened image and what we learned about it.
+pub struct Image {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    pub info: EngineInfo,
+    /// FALLOC_FL_ZERO_RANGE works (tmpfs, for one, lacks it).
+    pub zero_range: bool,
+}
+
+// BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl Image {
+    pub fn open(path: &Path, read_only: bool, logical_block_size: u32) -> Result<Image, ImageError> {
+        let p = || path.to_path_buf();
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ImageError::NotFound(p()),
+            io::ErrorKind::PermissionDenied => ImageError::Permission(p(), "search"),
+            _ => ImageError::Open {
+                path: p(),
+                source: e,
+            },
+        })?;
+        if meta.is_dir() {
+            return Err(ImageError::IsDirectory(p()));
+        }
+        let is_blk = meta.file_type().is_block_device();
+        if !meta.is_file() && !is_blk {
+            return Err(ImageError::NotAFile(p()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => {
+                    ImageError::Permission(p(), if read_only { "read" } else { "read-write" })
+                }
+                _ => ImageError::Open {
+                    path: p(),
+                    source: e,
+                },
+            })?;
+        let size = if is_blk {
+            block_device_size(&file)
+        } else {
+            Ok(meta.len())
+        }
+        .map_err(|source| ImageError::Size { path: p(), source })?;
+        if size == 0 {
+            return Err(ImageError::Empty(p()));
+        }
+        if size % u64::from(logical_block_size) != 0 {
+            return Err(ImageError::Unaligned {
+                path: p(),
+                size,
+                block: logical_block_size,
+            });
+        }
+        let (discard, zero_range) = if read_only {
+            (false, false)
+        } else {
+            probe_fallocate(&file, size, logical_block_size)
+        };
+        let physical_block_size = u32::try_from(std::os::unix::fs::MetadataExt::blksize(&meta))
+            .unwrap_or(4096)
+            .clamp(logical_block_size, 1 << 16)
+            .next_power_of_two();
+        Ok(Image {
+            path: p(),
+            file: Arc::new(file),
+            info: EngineInfo {
+                size,
+                read_only,
+                discard,
+                write_zeroes: !read_only,
+                physical_block_size,
+            },
+            zero_range,
+        })
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Tries punch-hole and zero-range just past the end of the image, where they cannot touch
+/// data (KEEP_SIZE leaves the size alone); a trailing punch frees what zero-range allocated.
+fn probe_fallocate(file: &File, size: u64, block: u32) -> (bool, bool) {
+    let len = u64::from(block);
+    let punch = fallocate(file, PUNCH, size, len).is_ok();
+    let zero = fallocate(file, ZERO, size, len).is_ok();
+    if zero && punch {
+        let _ = fallocate(file, PUNCH, size, len);
+    }
+    (punch, zero)
+}

@@ -1,0 +1,22 @@
+//! vublk: a vhost-user-blk daemon.
+//!
+//! Map of the crate, from the wire inwards:
+//! - [`daemon`]: listener (path or inherited fd), serve-again loop, signals, sd_notify.
+//! - [`vhu_blk`]: the `VhostUserBackend` glue; per-connection state, one thread per queue.
+//! - [`worker`]: per-queue processing: pop chains, parse, submit, complete, notify.
+//! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
+//! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock).
+//! - [`image`]: opening the image, sizing it, probing discard / zero-range support.
+//! - [`args`] / [`config`]: the command line and its validation.
+
+// Guest input and start-up I/O must never panic the daemon.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod args;
+pub mod blk;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod image;
+pub mod vhu_blk;
+pub mod worker;

@@ -1,0 +1,238 @@
+//! The vhost-user glue: a `&self` [`VhostUserBackend`] with one worker thread and one
+//! [`QueueWorker`] per queue. All protocol specifics live here, so a later move below
+//! vhost-user-backend (in-flight tracking, config-change notifications) stays in one file.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, error, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use crate::blk::iov::GuestMem;
+use crate::blk::request::ID_LEN;
+use crate::blk::{BlkConfig, DeviceGeometry};
+use crate::engine::Engine;
+use crate::worker::{DeviceCtx, KickCtx, QueueWorker, Vring};
+
+/// Backend state for one frontend connection; a new one is built for every connection so
+/// nothing leaks from one VM (or client) to the next.
+#[derive(Clone)]
+pub struct VhuBlk {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dev: DeviceCtx,
+    queues: Vec<Mutex<QueueWorker>>,
+    exit: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    /// False while the memory table contains a region we must not touch (see `update_memory`).
+    mem_ok: AtomicBool,
+}
+
+/// Failure to set up per-connection state.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot create the queue {0} engine context")]
+    EngineQueue(usize, #[source] io::Error),
+    #[error("cannot create an exit eventfd")]
+    ExitEvent(#[source] io::Error),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another holder cannot leave this state half-updated in a way we rely on.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VhuBlk {
+    pub fn new(
+        engine: &dyn Engine,
+        geo: DeviceGeometry,
+        serial: &[u8],
+        mem: GuestMemoryAtomic<GuestMem>,
+    ) -> Result<Self, BackendError> {
+        let mut id = [0u8; ID_LEN];
+        let n = serial.len().min(ID_LEN);
+        id[..n].copy_from_slice(&serial[..n]);
+        let num_queues = usize::from(geo.num_queues);
+        let mut queues = Vec::with_capacity(num_queues);
+        let mut exit = Vec::with_capacity(num_queues);
+        for i in 0..num_queues {
+            let q = engine.new_queue().map_err(|e| BackendError::EngineQueue(i, e))?;
+            queues.push(Mutex::new(QueueWorker::new(i, q)));
+            let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                .map_err(BackendError::ExitEvent)?;
+            exit.push(Some(pair));
+        }
+        Ok(VhuBlk {
+            inner: Arc::new(Inner {
+                dev: DeviceCtx {
+                    config: BlkConfig::new(geo),
+                    serial: id,
+                    mem,
+                },
+                queues,
+                exit: Mutex::new(exit),
+                acked_features: AtomicU64::new(0),
+                event_idx: AtomicBool::new(false),
+                mem_ok: AtomicBool::new(true),
+            }),
+        })
+    }
+
+    /// Requests in flight across all queues (waits for each queue's current kick to finish).
+    pub fn in_flight(&self) -> usize {
+        self.inner.queues.iter().map(|q| lock(q).in_flight()).sum()
+    }
+
+    fn kick_ctx(&self) -> KickCtx {
+        let acked = self.inner.acked_features.load(Ordering::Acquire);
+        let flush = acked & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        KickCtx {
+            event_idx: self.inner.event_idx.load(Ordering::Acquire),
+            write_through: !flush || !self.inner.dev.config.writeback(),
+        }
+    }
+}
+
+/// Checks that every mapped region is backed by its file: mmap accepts a mapping past the end
+/// of a memfd, and touching it would SIGBUS the whole daemon.
+fn check_regions(mem: &GuestMem) -> Result<(), String> {
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else { continue };
+        let meta = fo
+            .file()
+            .metadata()
+            .map_err(|e| format!("cannot stat region fd {}: {e}", fo.file().as_raw_fd()))?;
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(format!(
+                "memory region at {:#x} maps {} bytes at offset {} of a {}-byte file",
+                r.start_addr().0,
+                r.len(),
+                fo.start(),
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl VhostUserBackend for VhuBlk {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.inner.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.dev.config.geometry().queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.dev.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        debug!("device reset");
+        self.inner.dev.config.reset();
+        self.inner.acked_features.store(0, Ordering::Release);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.inner.dev.config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.inner.dev.config.write(offset, buf).map_err(|e| {
+            warn!("{e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        debug!("write cache {}", if self.inner.dev.config.writeback() { "on" } else { "off" });
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // The handler has already published the new table to the rings; refuse to process
+        // requests until a table without bad regions arrives.
+        let snapshot = mem.memory();
+        match check_regions(&snapshot) {
+            Ok(()) => {
+                self.inner.mem_ok.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(msg) => {
+                error!("frontend sent a bad memory table, queues paused: {msg}");
+                self.inner.mem_ok.store(false, Ordering::Release);
+                Err(io::Error::new(io::ErrorKind::InvalidInput, msg))
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One thread per queue: worker i serves queue i only.
+        (0..self.inner.queues.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        lock(&self.inner.exit).get_mut(thread_index).and_then(Option::take)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Taking the worker's lock waits for the kick being processed, so every request popped
+        // before GET_VRING_BASE is completed before its index is reported.
+        if let Some(q) = self.inner.queues.get(queue_index as usize) {
+            let w = lock(q);
+            debug!("queue {queue_index} stopped, {} in flight", w.in_flight());
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // With one queue per thread, event 0 is that thread's queue kick.
+        let (Some(vring), Some(q), 0) = (vrings.first(), self.inner.queues.get(thread_id), device_event)
+        else {
+            return Ok(());
+        };
+        if !self.inner.mem_ok.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let k = self.kick_ctx();
+        if let Err(e) = lock(q).process(vring, &self.inner.dev, k) {
+            // Returning an error would end this queue's thread; log and wait for the next kick.
+            warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! Per-queue processing: drain the avail ring, parse, submit to the engine, complete into the
+//! used ring, notify the guest once per batch. One `QueueWorker` per queue, owned by that
+//! queue's thread, so queues never contend on a lock.
+
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::blk::iov::GuestMem;
+use crate::blk::request::{Command, ID_LEN, Request, used_len};
+use crate::blk::{BlkConfig, Status, parse_request};
+use crate::engine::{Completion, EngineQueue, Op};
+
+/// The vring type used by the glue.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
+
+/// Errors that stop processing of one kick (never guest-triggerable panics).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("virtqueue access failed")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("cannot signal the guest")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Read-mostly device state every worker needs.
+pub struct DeviceCtx {
+    pub config: BlkConfig,
+    pub serial: [u8; ID_LEN],
+    pub mem: GuestMemoryAtomic<GuestMem>,
+}
+
+/// What we remember about a request while the engine works on it.
+#[derive(Clone, Copy)]
+struct Pending {
+    head: u16,
+    status: Option<GuestAddress>,
+    in_len: u32,
+}
+
+pub struct QueueWorker {
+    index: usize,
+    engine: Box<dyn EngineQueue>,
+    /// In-flight requests indexed by engine tag; `free` recycles slots so tags stay unique even
+    /// if a guest submits the same head twice.
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    done: Vec<Completion>,
+    errors: u64,
+}
+
+/// Per-kick flags decided by the glue.
+#[derive(Clone, Copy, Debug)]
+pub struct KickCtx {
+    pub event_idx: bool,
+    /// Writes must be durable before completion (wce=0, or FLUSH not negotiated).
+    pub write_through: bool,
+}
+
+impl QueueWorker {
+    pub fn new(index: usize, engine: Box<dyn EngineQueue>) -> Self {
+        QueueWorker {
+            index,
+            engine,
+            slots: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            errors: 0,
+        }
+    }
+
+    /// Requests submitted to the engine and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Handles one kick: process until the ring is empty with notifications re-enabled.
+    pub fn process(&mut self, vring: &Vring, dev: &DeviceCtx, k: KickCtx) -> Result<(), WorkerError> {
+        let mem: Arc<GuestMem> = dev.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return Ok(());
+        }
+        let mut used = false;
+        loop {
+            if k.event_idx {
+                state.disable_notification().map_err(WorkerError::Queue)?;
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let req = parse_request(chain, &mem, dev.config.geometry());
+                self.dispatch(req, &mem, &mut state, dev, k, &mut used)?;
+            }
+            self.complete(&mem, &mut state, &mut used)?;
+            // EVENT_IDX: re-enable, then re-check so a request added in between is not missed.
+            if !k.event_idx || !state.enable_notification().map_err(WorkerError::Queue)? {
+                break;
+            }
+        }
+        if used && state.needs_notification().map_err(WorkerError::Queue)? {
+            state.signal_used_queue().map_err(WorkerError::Signal)?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(
+        &mut self,
+        req: Request,
+        mem: &GuestMem,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        dev: &DeviceCtx,
+        k: KickCtx,
+        used: &mut bool,
+    ) -> Result<(), WorkerError> {
+        let Request {
+            head,
+            status,
+            in_len,
+            command,
+        } = req;
+        let pending = Pending {
+            head,
+            status,
+            in_len,
+        };
+        match command {
+            Err(e) => {
+                debug!("queue {}: request {head} refused: {e}", self.index);
+                self.finish(mem, state, pending, e.status())?;
+                *used = true;
+            }
+            Ok(Command::GetId(mut bufs)) => {
+                bufs.copy_from(&dev.serial);
+                self.finish(mem, state, pending, Status::Ok)?;
+                *used = true;
+            }
+            Ok(Command::Io(mut op)) => {
+                if let Op::Write { fua, .. } = &mut op {
+                    *fua = k.write_through;
+                }
+                let tag = match self.free.pop() {
+                    Some(t) => {
+                        self.slots[t] = Some(pending);
+                        t
+                    }
+                    None => {
+                        self.slots.push(Some(pending));
+                        self.slots.len() - 1
+                    }
+                };
+                self.engine.submit(tag as u64, op);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves engine completions into the used ring.
+    fn complete(
+        &mut self,
+        mem: &GuestMem,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        used: &mut bool,
+    ) -> Result<(), WorkerError> {
+        self.engine.reap(&mut self.done);
+        let mut done = std::mem::take(&mut self.done);
+        for c in done.drain(..) {
+            let Some(pending) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
+                warn!("queue {}: engine completed unknown tag {}", self.index, c.tag);
+                continue;
+            };
+            self.free.push(c.tag as usize);
+            let status = match c.result {
+                Ok(_) => Status::Ok,
+                Err(e) => {
+                    self.errors += 1;
+                    // Log the first errors and then every 1000th, so a failing disk cannot
+                    // flood the journal.
+                    if self.errors <= 10 || self.errors.is_multiple_of(1000) {
+                        warn!("queue {}: I/O error #{}: {e}", self.index, self.errors);
+                    }
+                    Status::IoErr
+                }
+            };
+            self.finish(mem, state, pending, status)?;
+            *used = true;
+        }
+        self.done = done;
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        mem: &GuestMem,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        p: Pending,
+        status: Status,
+    ) -> Result<(), WorkerError> {
+        let len = match p.status {
+            Some(addr) => {
+                // parse_request checked the byte is in guest memory; if a memory update
+                // removed it since, the guest gets the chain back with length 0.
+                match mem.write_obj(status as u8, addr) {
+                    Ok(()) => used_len(true, p.in_len, status),
+                    Err(_) => 0,
+                }
+            }
+            None => 0,
+        };
+        state.add_used(p.head, len).map_err(WorkerError::Queue)
+    }
+}
