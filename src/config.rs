@@ -160,9 +160,18 @@ mod tests {
             parse(&v)
         };
         assert_eq!(with(&["--num-queues", "0"]), Err(ConfigError::NumQueues(0)));
-        assert_eq!(with(&["--num-queues", "65"]), Err(ConfigError::NumQueues(65)));
-        assert_eq!(with(&["--queue-size", "100"]), Err(ConfigError::QueueSize(100)));
-        assert_eq!(with(&["--queue-size", "32"]), Err(ConfigError::QueueSize(32)));
+        assert_eq!(
+            with(&["--num-queues", "65"]),
+            Err(ConfigError::NumQueues(65))
+        );
+        assert_eq!(
+            with(&["--queue-size", "100"]),
+            Err(ConfigError::QueueSize(100))
+        );
+        assert_eq!(
+            with(&["--queue-size", "32"]),
+            Err(ConfigError::QueueSize(32))
+        );
         assert_eq!(
             with(&["--logical-block-size", "1024"]),
             Err(ConfigError::BlockSize(1024))
@@ -177,7 +186,10 @@ mod tests {
         ));
         assert_eq!(parse(&["--blk-file", "/img"]), Err(ConfigError::NoSocket));
         assert_eq!(parse(&["--fd", "3"]), Err(ConfigError::NoImage));
-        assert_eq!(parse(&["--fd", "1", "--blk-file", "/i"]), Err(ConfigError::BadFd(1)));
+        assert_eq!(
+            parse(&["--fd", "1", "--blk-file", "/i"]),
+            Err(ConfigError::BadFd(1))
+        );
         assert_eq!(
             parse(&["--socket-path", "/nonexistent-dir/s", "--blk-file", "/i"]),
             Err(ConfigError::SocketDir("/nonexistent-dir".into()))
@@ -186,15 +198,29 @@ mod tests {
 
     #[test]
     fn serial_is_stable_and_explicit_wins() {
-        assert_eq!(default_serial(Path::new("/a/b")), default_serial(Path::new("/a/b")));
-        assert_ne!(default_serial(Path::new("/a/b")), default_serial(Path::new("/a/c")));
+        assert_eq!(
+            default_serial(Path::new("/a/b")),
+            default_serial(Path::new("/a/b"))
+        );
+        assert_ne!(
+            default_serial(Path::new("/a/b")),
+            default_serial(Path::new("/a/c"))
+        );
         let c = parse(&["--fd", "3", "--blk-file", "/i", "--serial", "disk0"]).unwrap();
         assert_eq!(c.serial, b"disk0");
     }
 
     #[test]
     fn both_socket_kinds_conflict() {
-        let r = Args::try_parse_from(["vublk", "--fd", "3", "--socket-path", "/s", "--blk-file", "/i"]);
+        let r = Args::try_parse_from([
+            "vublk",
+            "--fd",
+            "3",
+            "--socket-path",
+            "/s",
+            "--blk-file",
+            "/i",
+        ]);
         assert!(r.is_err());
     }
 }

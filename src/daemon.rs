@@ -127,7 +127,10 @@ fn adopt_fd(fd: RawFd) -> Result<UnixListener, DaemonError> {
         )
     };
     if r < 0 {
-        return Err(bad(format!("not a socket ({})", io::Error::last_os_error())));
+        return Err(bad(format!(
+            "not a socket ({})",
+            io::Error::last_os_error()
+        )));
     }
     if val == 0 {
         return Err(bad("socket is not listening".into()));
@@ -208,7 +211,9 @@ fn is_normal_disconnect(e: &DaemonLibError) -> bool {
     matches!(
         e,
         DaemonLibError::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage | VhostUserError::SocketBroken(_)
+            VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_)
         )
     )
 }
@@ -287,7 +292,10 @@ fn serve_loop(
         }
         conn_no += 1;
         info!("frontend #{conn_no} connected");
-        sd_notify(&format!("STATUS=serving frontend #{conn_no}, {} queues", geo.num_queues));
+        sd_notify(&format!(
+            "STATUS=serving frontend #{conn_no}, {} queues",
+            geo.num_queues
+        ));
         *ctl.conn.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         if ctl.stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();

@@ -37,7 +37,11 @@ pub enum ImageError {
         "image {path} is {size} bytes, not a multiple of the {block}-byte logical block size; \
          resize it to a multiple (e.g. qemu-img resize)"
     )]
-    Unaligned { path: PathBuf, size: u64, block: u32 },
+    Unaligned {
+        path: PathBuf,
+        size: u64,
+        block: u32,
+    },
     #[error("image {0} is empty")]
     Empty(PathBuf),
 }
@@ -55,7 +59,11 @@ pub struct Image {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 impl Image {
-    pub fn open(path: &Path, read_only: bool, logical_block_size: u32) -> Result<Image, ImageError> {
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        logical_block_size: u32,
+    ) -> Result<Image, ImageError> {
         let p = || path.to_path_buf();
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ImageError::NotFound(p()),

@@ -13,7 +13,9 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 use crate::blk::iov::GuestMem;
 use crate::blk::request::ID_LEN;
@@ -66,7 +68,9 @@ impl VhuBlk {
         let mut queues = Vec::with_capacity(num_queues);
         let mut exit = Vec::with_capacity(num_queues);
         for i in 0..num_queues {
-            let q = engine.new_queue().map_err(|e| BackendError::EngineQueue(i, e))?;
+            let q = engine
+                .new_queue()
+                .map_err(|e| BackendError::EngineQueue(i, e))?;
             queues.push(Mutex::new(QueueWorker::new(i, q)));
             let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
                 .map_err(BackendError::ExitEvent)?;
@@ -173,7 +177,14 @@ impl VhostUserBackend for VhuBlk {
             warn!("{e}");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
-        debug!("write cache {}", if self.inner.dev.config.writeback() { "on" } else { "off" });
+        debug!(
+            "write cache {}",
+            if self.inner.dev.config.writeback() {
+                "on"
+            } else {
+                "off"
+            }
+        );
         Ok(())
     }
 
@@ -200,7 +211,9 @@ impl VhostUserBackend for VhuBlk {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        lock(&self.inner.exit).get_mut(thread_index).and_then(Option::take)
+        lock(&self.inner.exit)
+            .get_mut(thread_index)
+            .and_then(Option::take)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -221,8 +234,11 @@ impl VhostUserBackend for VhuBlk {
         thread_id: usize,
     ) -> io::Result<()> {
         // With one queue per thread, event 0 is that thread's queue kick.
-        let (Some(vring), Some(q), 0) = (vrings.first(), self.inner.queues.get(thread_id), device_event)
-        else {
+        let (Some(vring), Some(q), 0) = (
+            vrings.first(),
+            self.inner.queues.get(thread_id),
+            device_event,
+        ) else {
             return Ok(());
         };
         if !self.inner.mem_ok.load(Ordering::Acquire) {

@@ -78,7 +78,12 @@ impl QueueWorker {
     }
 
     /// Handles one kick: process until the ring is empty with notifications re-enabled.
-    pub fn process(&mut self, vring: &Vring, dev: &DeviceCtx, k: KickCtx) -> Result<(), WorkerError> {
+    pub fn process(
+        &mut self,
+        vring: &Vring,
+        dev: &DeviceCtx,
+        k: KickCtx,
+    ) -> Result<(), WorkerError> {
         let mem: Arc<GuestMem> = dev.mem.memory().into_inner();
         let mut state = vring.get_mut();
         if !state.get_queue().ready() {
@@ -167,7 +172,10 @@ impl QueueWorker {
         let mut done = std::mem::take(&mut self.done);
         for c in done.drain(..) {
             let Some(pending) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
-                warn!("queue {}: engine completed unknown tag {}", self.index, c.tag);
+                warn!(
+                    "queue {}: engine completed unknown tag {}",
+                    self.index, c.tag
+                );
                 continue;
             };
             self.free.push(c.tag as usize);

@@ -9,7 +9,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use super::SECTOR_SIZE;
 
 /// Largest single data segment we advertise (`size_max`).
-pub const SIZE_MAX: u32 = 4 << 20;
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Cap on `seg_max`. libblkio computes `size_max * seg_max` as an i32, so the product must
+/// stay below 2 GiB; 1022 segments (a 1024 ring minus header and status) is plenty.
+pub const SEG_MAX_CAP: u32 = 1022;
 /// Discard / write-zeroes segments accepted in one request.
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Largest discard / write-zeroes range per segment, in sectors (4 GiB).
@@ -99,7 +102,9 @@ impl BlkConfig {
 
     /// Segments per request: the ring holds the header and status too.
     pub fn seg_max(&self) -> u32 {
-        u32::from(self.geo.queue_size).saturating_sub(2).max(1)
+        u32::from(self.geo.queue_size)
+            .saturating_sub(2)
+            .clamp(1, SEG_MAX_CAP)
     }
 
     /// The config space as the driver reads it (little-endian, virtio 1.2 layout).
@@ -161,7 +166,9 @@ impl BlkConfig {
 
 /// A driver tried to write a read-only part of config space.
 #[derive(Debug, thiserror::Error)]
-#[error("config write of {len} bytes at offset {offset} rejected: only wce (offset 32, 1 byte) is writable")]
+#[error(
+    "config write of {len} bytes at offset {offset} rejected: only wce (offset 32, 1 byte) is writable"
+)]
 pub struct ConfigWriteError {
     pub offset: u32,
     pub len: usize,
@@ -230,6 +237,9 @@ mod tests {
         assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
         assert_eq!(f & bit(VIRTIO_BLK_F_DISCARD), 0);
         assert_eq!(f & bit(VIRTIO_BLK_F_WRITE_ZEROES), 0);
-        assert_eq!(u32::from_le_bytes(cfg.bytes()[36..40].try_into().unwrap()), 0);
+        assert_eq!(
+            u32::from_le_bytes(cfg.bytes()[36..40].try_into().unwrap()),
+            0
+        );
     }
 }

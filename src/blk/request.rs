@@ -63,7 +63,11 @@ pub enum RequestError {
     #[error("request type {0} not supported")]
     Unsupported(u32),
     #[error("{len} bytes at sector {sector} is outside the {capacity}-byte device")]
-    OutOfRange { sector: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("data length {0} is not a multiple of 512")]
     Unaligned(u64),
     #[error("data buffer has the wrong direction for this request type")]
@@ -151,7 +155,11 @@ fn check_range(geo: &DeviceGeometry, sector: u64, len: u64) -> Result<u64, Reque
 
 /// Parses one chain. Never fails as a whole: a bad request still yields a `Request` whose
 /// `command` carries the error, so the chain is always returned to the guest.
-pub fn parse_request<M>(chain: DescriptorChain<M>, mem: &Arc<GuestMem>, geo: &DeviceGeometry) -> Request
+pub fn parse_request<M>(
+    chain: DescriptorChain<M>,
+    mem: &Arc<GuestMem>,
+    geo: &DeviceGeometry,
+) -> Request
 where
     M: Deref,
     M::Target: GuestMemory,
@@ -160,9 +168,18 @@ where
     let mut readable = Vec::new();
     let mut writable = Vec::new();
     let mut misordered = false;
+    let mut wraps = None;
     // virtio-queue's iterator follows NEXT and INDIRECT links with a loop bound of the queue
     // size and stops at the first descriptor it cannot read.
     for desc in chain {
+        // A buffer ending past 2^64 would overflow address arithmetic inside vm-memory.
+        if desc.addr().0.checked_add(u64::from(desc.len())).is_none() {
+            wraps.get_or_insert(OutOfGuestMemory {
+                addr: desc.addr().0,
+                len: u64::from(desc.len()),
+            });
+            continue;
+        }
         if desc.is_write_only() {
             writable.push((desc.addr(), desc.len()));
         } else {
@@ -190,7 +207,10 @@ where
         return req;
     }
     writable.retain(|&(_, l)| l > 0);
-    req.command = parse_command(&mut req.in_len, readable, writable, misordered, mem, geo);
+    req.command = match wraps {
+        Some(e) => Err(RequestError::BadMemory(e)),
+        None => parse_command(&mut req.in_len, readable, writable, misordered, mem, geo),
+    };
     req
 }
 
@@ -259,7 +279,11 @@ fn parse_command(
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let discard = req_type == VIRTIO_BLK_T_DISCARD;
-            let offered = if discard { geo.discard } else { geo.write_zeroes };
+            let offered = if discard {
+                geo.discard
+            } else {
+                geo.write_zeroes
+            };
             if !offered || geo.read_only {
                 return Err(RequestError::Unsupported(req_type));
             }

@@ -29,7 +29,10 @@ pub enum Op {
     /// Deallocate ranges; they read back as zeros afterwards.
     Discard { ranges: Vec<(u64, u64)> },
     /// Zero ranges; `unmap` allows deallocating instead of writing zeros.
-    WriteZeroes { ranges: Vec<(u64, u64)>, unmap: bool },
+    WriteZeroes {
+        ranges: Vec<(u64, u64)>,
+        unmap: bool,
+    },
 }
 
 /// Result of one op: bytes transferred (0 for non-data ops) or the error.

@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Shared by guest-test.sh and run-vm.sh: starting a vhost-user-blk backend and the QEMU command.
+# Environment:
+#   BACKEND=vublk|qsd   vublk (default) or qemu-storage-daemon, which speaks the same protocol
+#   VUBLK_BIN=PATH      vublk binary (default target/release/vublk, else target/debug/vublk)
+#   ENGINE=NAME         vublk --engine (default sync)
+#   VUBLK_ARGS="..."    extra vublk arguments (e.g. "--logical-block-size 4096 --serial x")
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${GUEST_CACHE:-$root/.cache/guest}
+BACKEND=${BACKEND:-vublk}
+ENGINE=${ENGINE:-sync}
+
+vublk_bin() {
+    local b
+    for b in ${VUBLK_BIN:-} "$root/target/release/vublk" "$root/target/debug/vublk"; do
+        [[ -x $b ]] && echo "$b" && return
+    done
+    echo "no vublk binary: run cargo build --release (or set VUBLK_BIN, or BACKEND=qsd)" >&2
+    return 1
+}
+
+# start_backend IMAGE SOCKET QUEUES LOG: starts the backend in the background, sets backend_pid,
+# and waits (bounded) for its socket to appear.
+start_backend() {
+    local img=$1 sock=$2 queues=$3 log=$4 bin extra=()
+    case $BACKEND in
+    vublk)
+        bin=$(vublk_bin)
+        read -ra extra <<<"${VUBLK_ARGS:-}"
+        "$bin" --socket-path "$sock" --blk-file "$img" --num-queues "$queues" \
+            --engine "$ENGINE" "${extra[@]}" >"$log" 2>&1 &
+        ;;
+    qsd)
+        qemu-storage-daemon \
+            --blockdev "driver=file,node-name=f,filename=$img,cache.direct=off" \
+            --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues" \
+            >"$log" 2>&1 &
+        ;;
+    *) echo "unknown BACKEND=$BACKEND (vublk|qsd)" >&2 && return 1 ;;
+    esac
+    backend_pid=$!
+    local i
+    for ((i = 0; i < 100; i++)); do # up to 10 s
+        [[ -S $sock ]] && return 0
+        kill -0 "$backend_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "backend $BACKEND did not create $sock; its log:" >&2
+    cat "$log" >&2
+    return 1
+}
+
+# qemu_cmd SOCKET QUEUES INITRD CMDLINE: fills the array qemu with a TCG q35 guest whose only
+# disk is the vhost-user-blk device. Guest RAM is a shared memfd so the backend can map it.
+qemu_cmd() {
+    local sock=$1 queues=$2 initrd=$3 append=$4
+    # shellcheck disable=SC2034,SC2054 # qemu is the result; commas are QEMU's
+    qemu=(qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 512M
+        -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
+        -chardev "socket,id=c0,path=$sock" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
+        -kernel "$cache/kernel/vmlinuz" -initrd "$initrd" -append "console=ttyS0 $append")
+}
