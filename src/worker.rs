@@ -216,6 +216,11 @@ impl QueueWorker {
             }
             None => 0,
         };
-        state.add_used(p.head, len).map_err(WorkerError::Queue)
+        // Only a head index the guest made up (>= queue size) fails here; there is no slot to
+        // return it in, so drop it and keep serving the rest of the batch.
+        if let Err(e) = state.add_used(p.head, len) {
+            debug!("queue {}: cannot return head {}: {e}", self.index, p.head);
+        }
+        Ok(())
     }
 }

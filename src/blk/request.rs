@@ -169,28 +169,37 @@ where
     let mut writable = Vec::new();
     let mut misordered = false;
     let mut wraps = None;
+    // Whether the last non-empty writable descriptor (the status holder) wraps around 2^64.
+    let mut status_wraps = false;
     // virtio-queue's iterator follows NEXT and INDIRECT links with a loop bound of the queue
     // size and stops at the first descriptor it cannot read.
     for desc in chain {
+        let (addr, len) = (desc.addr(), desc.len());
         // A buffer ending past 2^64 would overflow address arithmetic inside vm-memory.
-        if desc.addr().0.checked_add(u64::from(desc.len())).is_none() {
+        let wrapping = addr.0.checked_add(u64::from(len)).is_none();
+        if desc.is_write_only() && len > 0 {
+            status_wraps = wrapping;
+        }
+        if wrapping {
             wraps.get_or_insert(OutOfGuestMemory {
-                addr: desc.addr().0,
-                len: u64::from(desc.len()),
+                addr: addr.0,
+                len: u64::from(len),
             });
             continue;
         }
         if desc.is_write_only() {
-            writable.push((desc.addr(), desc.len()));
+            writable.push((addr, len));
         } else {
             misordered |= !writable.is_empty();
-            readable.push((desc.addr(), desc.len()));
+            readable.push((addr, len));
         }
     }
+    // Empty descriptors carry no bytes; dropping them keeps "last byte" meaningful.
+    writable.retain(|&(_, l)| l > 0);
 
     // The status is the last byte of the device-writable part.
     let status = match writable.last_mut() {
-        Some((addr, len)) if *len > 0 => {
+        Some((addr, len)) if !status_wraps => {
             let at = addr.checked_add(u64::from(*len) - 1);
             *len -= 1;
             at.filter(|a| mem.check_range(*a, 1, Permissions::Write))
