@@ -12,9 +12,11 @@ use log::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonLibError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::blk::DeviceGeometry;
 use crate::config::{Config, Listen};
+use crate::engine::direct::{DirectEngine, DirectError, open_direct};
 use crate::engine::sync::SyncEngine;
 use crate::engine::{Engine, EngineKind};
 use crate::image::{Image, ImageError};
@@ -40,6 +42,8 @@ pub enum DaemonError {
     Signals(#[source] io::Error),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Direct(#[from] DirectError),
     #[error("vhost-user daemon: {0}")]
     VhostUser(String),
     #[error("final fdatasync of the image failed")]
@@ -200,10 +204,46 @@ fn spawn_signal_thread(set: libc::sigset_t, ctl: Arc<Control>) -> Result<(), Dae
         .map_err(DaemonError::Signals)
 }
 
-fn open_engine(cfg: &Config, image: &Image) -> Arc<dyn Engine> {
-    match cfg.engine {
+/// tmpfs and friends: O_DIRECT there only adds copies, so `auto` stays buffered.
+fn on_tmpfs(file: &std::fs::File) -> bool {
+    // SAFETY: statfs is plain data filled by the kernel for a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a live statfs buffer.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
+fn open_engine(cfg: &Config, image: &Image) -> Result<Arc<dyn Engine>, DaemonError> {
+    let direct = || -> Result<DirectEngine, DaemonError> {
+        let (file, align) = open_direct(&image.path, image.info.read_only)?;
+        let e = DirectEngine::new(image, file, align, true)?;
+        info!(
+            "direct engine: O_DIRECT alignment: memory {} bytes, offset {} bytes",
+            align.mem, align.offset
+        );
+        Ok(e)
+    };
+    Ok(match cfg.engine {
         EngineKind::Sync => Arc::new(SyncEngine::new(image)),
-    }
+        EngineKind::Direct => Arc::new(direct()?),
+        EngineKind::Auto if on_tmpfs(&image.file) => {
+            info!("engine auto: image is on tmpfs, using the sync (page cache) engine");
+            Arc::new(SyncEngine::new(image))
+        }
+        EngineKind::Auto => match direct() {
+            Ok(e) => {
+                info!("engine auto: using direct");
+                Arc::new(e)
+            }
+            Err(e) => {
+                info!(
+                    "engine auto: {}; using the sync engine",
+                    crate::error_chain(&e)
+                );
+                Arc::new(SyncEngine::new(image))
+            }
+        },
+    })
 }
 
 /// Disconnect "errors" that are just a frontend going away.
@@ -222,7 +262,7 @@ fn is_normal_disconnect(e: &DaemonLibError) -> bool {
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigset = block_signals()?;
     let image = Image::open(&cfg.image, cfg.read_only, cfg.logical_block_size)?;
-    let engine = open_engine(&cfg, &image);
+    let engine = open_engine(&cfg, &image)?;
     let info = engine.info().clone();
     let geo = DeviceGeometry {
         size: info.size,
@@ -284,6 +324,12 @@ fn serve_loop(
         let backend = VhuBlk::new(engine, geo.clone(), serial, mem.clone())?;
         let mut daemon = VhostUserDaemon::new("vublk".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(i) {
+                h.register_listener(fd, EventSet::IN, backend.completion_event())
+                    .map_err(|e| DaemonError::VhostUser(format!("epoll add: {e}")))?;
+            }
+        }
         if let Err(e) = daemon.start(listener) {
             if ctl.stop.load(Ordering::SeqCst) {
                 break;

@@ -20,3 +20,15 @@ pub mod engine;
 pub mod image;
 pub mod vhu_blk;
 pub mod worker;
+
+/// "outer: inner: root cause" on one line, for operator-facing messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -40,20 +40,8 @@ fn main() -> ExitCode {
     match vublk::daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vublk: {}", error_chain(&e));
+            eprintln!("vublk: {}", vublk::error_chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// "outer: inner: root cause" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

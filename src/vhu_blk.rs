@@ -97,6 +97,20 @@ impl VhuBlk {
         self.inner.queues.iter().map(|q| lock(q).in_flight()).sum()
     }
 
+    /// epoll `data` for engine completions: above the values vhost-user-backend reserves
+    /// (queue kicks and its exit event, 0..=num_queues).
+    pub fn completion_event(&self) -> u64 {
+        self.inner.queues.len() as u64 + 1
+    }
+
+    /// Queue `i`'s engine completion fd, to add to that queue thread's epoll.
+    pub fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
+        self.inner
+            .queues
+            .get(i)
+            .and_then(|q| lock(q).completion_fd())
+    }
+
     fn kick_ctx(&self) -> KickCtx {
         let acked = self.inner.acked_features.load(Ordering::Acquire);
         let flush = acked & (1 << VIRTIO_BLK_F_FLUSH) != 0;
@@ -220,8 +234,10 @@ impl VhostUserBackend for VhuBlk {
         // Taking the worker's lock waits for the kick being processed, so every request popped
         // before GET_VRING_BASE is completed before its index is reported.
         if let Some(q) = self.inner.queues.get(queue_index as usize) {
-            let w = lock(q);
-            debug!("queue {queue_index} stopped, {} in flight", w.in_flight());
+            let mut w = lock(q);
+            let n = w.in_flight();
+            w.drain(&self.inner.dev);
+            debug!("queue {queue_index} stopped; completed {n} in-flight requests");
         }
         Ok(())
     }
@@ -233,14 +249,14 @@ impl VhostUserBackend for VhuBlk {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // With one queue per thread, event 0 is that thread's queue kick.
-        let (Some(vring), Some(q), 0) = (
-            vrings.first(),
-            self.inner.queues.get(thread_id),
-            device_event,
-        ) else {
+        // With one queue per thread, event 0 is that thread's queue kick and
+        // `completion_event()` its engine's completion eventfd.
+        let (Some(vring), Some(q)) = (vrings.first(), self.inner.queues.get(thread_id)) else {
             return Ok(());
         };
+        if device_event != 0 && u64::from(device_event) != self.completion_event() {
+            return Ok(());
+        }
         if !self.inner.mem_ok.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -43,6 +43,9 @@ struct Pending {
 
 pub struct QueueWorker {
     index: usize,
+    /// The ring this worker serves, remembered so in-flight requests can be completed when the
+    /// frontend stops the ring (GET_VRING_BASE).
+    vring: Option<Vring>,
     engine: Box<dyn EngineQueue>,
     /// In-flight requests indexed by engine tag; `free` recycles slots so tags stay unique even
     /// if a guest submits the same head twice.
@@ -64,6 +67,7 @@ impl QueueWorker {
     pub fn new(index: usize, engine: Box<dyn EngineQueue>) -> Self {
         QueueWorker {
             index,
+            vring: None,
             engine,
             slots: Vec::new(),
             free: Vec::new(),
@@ -77,37 +81,88 @@ impl QueueWorker {
         self.slots.len() - self.free.len()
     }
 
-    /// Handles one kick: process until the ring is empty with notifications re-enabled.
+    /// The engine's completion eventfd, if it has one (asynchronous engines).
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.engine.completion_fd()
+    }
+
+    /// Handles a kick or a completion event: collect finished requests, take new ones until the
+    /// ring is empty with notifications re-enabled, notify the guest once.
     pub fn process(
         &mut self,
         vring: &Vring,
         dev: &DeviceCtx,
         k: KickCtx,
     ) -> Result<(), WorkerError> {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
         let mem: Arc<GuestMem> = dev.mem.memory().into_inner();
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() {
-            return Ok(());
-        }
         let mut used = false;
+        self.complete(&mem, &mut state, &mut used)?;
+        if !state.get_queue().ready() {
+            return self.notify(&mut state, used);
+        }
+        // A guest cannot make us hold more requests than its ring has slots, even by reusing
+        // heads: past this we stop popping until completions free slots.
+        let cap = usize::from(state.get_queue().size());
         loop {
             if k.event_idx {
                 state.disable_notification().map_err(WorkerError::Queue)?;
             }
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            while self.in_flight() < cap {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
                 let req = parse_request(chain, &mem, dev.config.geometry());
                 self.dispatch(req, &mem, &mut state, dev, k, &mut used)?;
             }
+            self.engine.commit();
             self.complete(&mem, &mut state, &mut used)?;
+            if self.in_flight() >= cap {
+                // Full: the completion event brings us back; leave notifications off.
+                break;
+            }
             // EVENT_IDX: re-enable, then re-check so a request added in between is not missed.
             if !k.event_idx || !state.enable_notification().map_err(WorkerError::Queue)? {
                 break;
             }
         }
+        self.notify(&mut state, used)
+    }
+
+    fn notify(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        used: bool,
+    ) -> Result<(), WorkerError> {
         if used && state.needs_notification().map_err(WorkerError::Queue)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())
+    }
+
+    /// Completes every in-flight request (ring stop): the frontend then gets a consistent
+    /// avail index with nothing outstanding.
+    pub fn drain(&mut self, dev: &DeviceCtx) {
+        let Some(vring) = self.vring.clone() else {
+            return;
+        };
+        let mem: Arc<GuestMem> = dev.mem.memory().into_inner();
+        let mut used = false;
+        while self.in_flight() > 0 {
+            self.engine.wait();
+            let mut state = vring.get_mut();
+            if let Err(e) = self.complete(&mem, &mut state, &mut used) {
+                warn!("queue {}: completing on stop: {e}", self.index);
+                break;
+            }
+        }
+        let mut state = vring.get_mut();
+        if let Err(e) = self.notify(&mut state, used) {
+            debug!("queue {}: notify on stop: {e}", self.index);
+        }
     }
 
     fn dispatch(

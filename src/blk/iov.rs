@@ -114,3 +114,46 @@ impl GuestIoVecs {
         done
     }
 }
+
+impl GuestIoVecs {
+    /// Calls `f(iovec_index_slice_ptr, len)` for the guest bytes `[off, off + len)` of this
+    /// buffer list, segment by segment.
+    fn for_range(&self, mut off: u64, mut len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+        let mut done = 0usize;
+        for v in &self.iov {
+            if len == 0 {
+                break;
+            }
+            let vlen = v.iov_len as u64;
+            if off >= vlen {
+                off -= vlen;
+                continue;
+            }
+            let n = ((vlen - off) as usize).min(len);
+            // SAFETY: off < iov_len, so the pointer stays inside this mapped guest segment.
+            let p = unsafe { v.iov_base.cast::<u8>().add(off as usize) };
+            f(p, n, done);
+            done += n;
+            len -= n;
+            off = 0;
+        }
+    }
+
+    /// Copies `dst.len()` guest bytes starting at byte `off` of this list into `dst`.
+    pub fn read_at(&self, off: u64, dst: &mut [u8]) {
+        let len = dst.len();
+        self.for_range(off, len, |p, n, done| {
+            // SAFETY: `p..p+n` is mapped guest memory kept alive by `_mem`; `dst[done..done+n]`
+            // is in bounds because `for_range` hands out at most `len` bytes in total.
+            unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr().add(done), n) }
+        });
+    }
+
+    /// Copies `src` into the guest bytes starting at byte `off` of this list.
+    pub fn write_at(&self, off: u64, src: &[u8]) {
+        self.for_range(off, src.len(), |p, n, done| {
+            // SAFETY: as in `read_at`, with the direction reversed.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), p, n) }
+        });
+    }
+}

@@ -5,6 +5,9 @@
 //! worker and hands results back from [`EngineQueue::reap`]. A synchronous engine simply
 //! completes each op inside `submit`.
 
+pub mod aligned;
+pub mod aqueue;
+pub mod direct;
 pub mod sync;
 
 use std::io;
@@ -66,8 +69,12 @@ pub trait Engine: Send + Sync {
 
 /// One queue's submission/completion context.
 pub trait EngineQueue: Send {
-    /// Starts `op`; its result is returned by a later [`reap`](Self::reap) with `tag`.
+    /// Queues `op`; its result is returned by a later [`reap`](Self::reap) with `tag`.
     fn submit(&mut self, tag: u64, op: Op);
+    /// Hands everything queued by `submit` to the kernel (one syscall per batch).
+    fn commit(&mut self) {}
+    /// Blocks until at least one in-flight op has completed (no-op for inline engines).
+    fn wait(&mut self) {}
     /// Moves finished ops into `out`.
     fn reap(&mut self, out: &mut Vec<Completion>);
     /// Ops submitted and not yet reaped.
@@ -81,14 +88,20 @@ pub trait EngineQueue: Send {
 /// Engine choice on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
+    /// O_DIRECT if the image supports it, else sync.
+    Auto,
     /// Positional vectored I/O on the page cache, completed inline by the queue's worker.
     Sync,
+    /// O_DIRECT with io_uring (thread-pool fallback): page-cache bypass, async submission.
+    Direct,
 }
 
 impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            EngineKind::Auto => "auto",
             EngineKind::Sync => "sync",
+            EngineKind::Direct => "direct",
         })
     }
 }

@@ -68,7 +68,7 @@ impl EngineQueue for SyncQueue {
     }
 }
 
-fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
+pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
     match op {
         Op::Read { offset, bufs } => {
             rw_all(file, bufs.iovecs(), offset, false, 0)?;
