@@ -5,7 +5,9 @@
 # everything back, and powers off. The host then checks the pattern in the image file, that the
 # backend outlived the guest, and that SIGTERM makes it exit 0 and remove its socket.
 # Environment: BACKEND, ENGINE, VUBLK_BIN, VUBLK_ARGS (see lib.sh); SIZE (image, default 256M);
-# TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir.
+# TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir; LOOP_SECTOR=4096 serves the
+# image through a loop device with that sector size (a 4 KiB-aligned O_DIRECT target under a
+# 512-byte-sector guest: the direct engine's read-modify-write path).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,11 +20,12 @@ QUEUES=2 # the guest has 2 vCPUs and uses min(queues, vCPUs) queues
 
 tmp=$(mktemp -d /tmp/vublk-guest.XXXXXX)
 img=$tmp/disk.img sock=$tmp/blk.sock log=$tmp/console.log blog=$tmp/backend.log
-backend_pid='' qemu_pid=''
+backend_pid='' qemu_pid='' loopdev=''
 cleanup() {
     [[ -z $qemu_pid ]] || kill "$qemu_pid" 2>/dev/null || true
     [[ -z $backend_pid ]] || kill "$backend_pid" 2>/dev/null || true
     wait 2>/dev/null || true
+    [[ -z $loopdev ]] || losetup -d "$loopdev" || true
     if [[ -n ${KEEP:-} ]]; then echo "kept $tmp"; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
@@ -33,6 +36,11 @@ bad() { echo "FAIL host.$1${2:+: $2}" && failed=$((failed + 1)); }
 
 truncate -s "$SIZE" "$img"
 bytes=$(stat -c %s "$img")
+if [[ -n ${LOOP_SECTOR:-} ]]; then
+    loopdev=$(losetup --sector-size "$LOOP_SECTOR" -f --show "$img")
+    img=$loopdev
+    echo "guest-test: image is $loopdev (sector size $(blockdev --getss "$loopdev"))"
+fi
 pat_off=$((bytes - 2 * 1048576)) # pattern: 1 MiB, 2 MiB before the end (the end holds the boot marker)
 # Per-run files ride in a second cpio appended to the shared initramfs.
 mkdir "$tmp/extra"

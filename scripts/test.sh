@@ -19,6 +19,12 @@ step cargo test
 cargo test
 step cargo build --release
 cargo build --release
-step guest-test
-BACKEND=vublk VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# The real guest against each engine, and the direct engine on a 4 KiB-sector device under a
+# 512-byte-sector guest (read-modify-write).
+for engine in sync direct; do
+    step "guest-test engine=$engine"
+    BACKEND=vublk ENGINE=$engine VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+done
+step "guest-test engine=direct on a 4096-byte-sector loop device"
+BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 step "all passed"

@@ -308,6 +308,7 @@ impl Planner {
                 .as_ref()
                 .ok_or(io::ErrorKind::InvalidInput)?;
             ticket = Some(acquire(g, lo, hi, true, sub)?);
+            log::trace!("read-modify-write {offset}+{len} as {lo}..{hi}");
             // Read the partial head and tail blocks, then lay the guest data over them.
             let fd = &self.shared.file;
             let blocks = [

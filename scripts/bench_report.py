@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench.sh's raw JSON lines into BENCHMARKS.md and docs/bench.png.
+
+Reads its inputs from BENCH_* environment variables set by scripts/bench.sh; only the standard
+library is used. The chart is drawn with gnuplot (pngcairo), or matplotlib if gnuplot is missing.
+"""
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+from collections import OrderedDict
+
+env = os.environ.get
+raw_path = env("BENCH_RAW", "docs/bench-raw.jsonl")
+outdir = env("BENCH_OUTDIR", ".")
+md_path = os.path.join(outdir, "BENCHMARKS.md")
+png_rel = "docs/bench.png"
+png_path = os.path.join(outdir, png_rel)
+
+SHORT = {
+    "shm-randread-qd1": "4k randread\\nQD1 shm",
+    "shm-randread-qd32": "4k randread\\nQD32 shm",
+    "shm-randread-qd32-2q": "4k randread\\nQD32x2q shm",
+    "shm-randwrite-qd32": "4k randwrite\\nQD32 shm",
+    "direct-randread-qd32": "4k randread\\nQD32 direct",
+    "direct-randwrite-qd32": "4k randwrite\\nQD32 direct",
+    "direct-read128k-qd8": "128k seq read\\nQD8 direct",
+}
+
+
+def backend_name(b):
+    if b.startswith("vublk-"):
+        return f"vublk ({b[6:]})"
+    return {
+        "qsd": "qemu-storage-daemon (aio=io_uring)",
+        "ch": "cloud-hypervisor vhost_user_block",
+        "fio": "fio io_uring, local file (no vhost-user)",
+    }.get(b, b)
+
+
+def med(rows, key):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, spec=",.0f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+rows = [json.loads(line) for line in open(raw_path) if line.strip()]
+workloads = OrderedDict()  # id -> title
+backends = []
+for r in rows:
+    workloads.setdefault(r["workload"], r["title"])
+    if r["backend"] not in backends:
+        backends.append(r["backend"])
+# vublk engines first, then peers, fio last
+order = {"qsd": 1, "ch": 2, "fio": 3}
+backends.sort(key=lambda b: (order.get(b, 0), b))
+
+stats = {}  # (workload, backend) -> dict
+for w in workloads:
+    for b in backends:
+        rs = [r for r in rows if r["workload"] == w and r["backend"] == b]
+        if not rs:
+            continue
+        s = {k: med(rs, k) for k in ("iops", "mib_s", "lat_p50_us", "lat_p99_us",
+                                     "backend_cpu", "client_cpu", "backend_hwm_kib")}
+        s["runs"] = len(rs)
+        s["iops_min"] = min(r["iops"] for r in rs)
+        s["iops_max"] = max(r["iops"] for r in rs)
+        s["cache"] = rs[0].get("cache", "")
+        per_core = [r["iops"] / r["backend_cpu"] for r in rs if r.get("backend_cpu")]
+        s["iops_per_core"] = statistics.median(per_core) if per_core else None
+        s["errors"] = sum(r.get("errors", 0) for r in rs)
+        stats[(w, b)] = s
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+out = []
+p = out.append
+p("# Benchmarks")
+p("")
+p("vublk against qemu-storage-daemon"
+  + (" and cloud-hypervisor's vhost_user_block" if "ch" in backends else "")
+  + ", driven by the same libblkio client (`examples/bench_client.rs`, driver "
+  "`virtio-blk-vhost-user`). Produced by `scripts/bench.sh`; raw per-run results are in "
+  "[`docs/bench-raw.jsonl`](docs/bench-raw.jsonl).")
+p("")
+p("```sh")
+p(env("BENCH_CMD", "scripts/bench.sh"))
+p("```")
+p("")
+cpu_model = "unknown"
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+except OSError:
+    pass
+mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+p(f"- Date: {env('BENCH_STARTED', '?')} to {env('BENCH_FINISHED', '?')}; vublk `{env('BENCH_GIT', '?')}`")
+p(f"- Machine: {os.cpu_count()} CPUs ({cpu_model}), {mem_gib:.0f} GiB RAM, Linux "
+  f"{platform.release()}; load average (1/5/15 min) {env('BENCH_LOAD', '?')}")
+p(f"- Peers: {env('BENCH_QSD_VERSION', '?')}; {env('BENCH_FIO_VERSION', '?')}")
+p(f"- Each run: a fresh backend pinned to CPU {env('BENCH_CPU_BACKEND', '1')}, the client pinned "
+  f"to CPU {env('BENCH_CPU_CLIENT', '0')}, {env('BENCH_RAMP', '?')} s warm-up then "
+  f"{env('BENCH_RUNTIME', '?')} s measured; {env('BENCH_REPS', '?')} repetitions, interleaved "
+  "(repetition → workload → backend, backend order rotated every repetition). Tables show "
+  "medians of each column over the repetitions (IOPS min–max shows the spread).")
+p(f"- Images: {env('BENCH_IMG_MIB', '1024')} MiB raw, filled with random data, one on /dev/shm "
+  f"(tmpfs) and one in {env('BENCH_DIR', '/tmp')} (ext4 on the VM's virtio disk). "
+  "qemu-storage-daemon uses `cache.direct=off` on tmpfs (no O_DIRECT there) and "
+  "`cache.direct=on` on disk.")
+direct_args = env("BENCH_VUBLK_DIRECT_ARGS", "")
+if direct_args:
+    p(f"- vublk serves the O_DIRECT workloads with `{direct_args}`.")
+else:
+    p("- **vublk had no O_DIRECT mode when this ran**: on the \"O_DIRECT\" workloads it serves the "
+      "image through the page cache (the whole image fits in RAM), so those rows compare vublk's "
+      "page-cache path against the peers' O_DIRECT path, not like with like; its randwrite there "
+      "is also written back later by kernel threads whose CPU is not counted as vublk's.")
+p("- Backend cores: the backend's (utime+stime) from `/proc/PID/stat`, sampled by the client at "
+  "the start and end of the measured window, divided by the window's length (all threads, "
+  "including io_uring workers). Peak RSS: `VmHWM` at the end of the run (includes the client's "
+  "shared buffer pages the backend touched). Client cores: the client's own getrusage over the "
+  "same window; the client is single-threaded, so near 1.0 means the client, not the backend, "
+  "was the limit.")
+p("- Latency: per request, from queueing in libblkio to reaping the completion, in a log-linear "
+  "histogram (≤ 1.6 % bucket error). The fio row reports fio's total latency (`lat_ns`).")
+p("")
+if os.path.exists(png_path) or shutil.which("gnuplot"):
+    p(f"![IOPS per workload and backend]({png_rel})")
+    p("")
+
+# Summary
+peers = [b for b in backends if b != "fio"]
+p("## Summary (median IOPS)")
+p("")
+hdr = ["workload"] + [backend_name(b) for b in peers]
+vublks = [b for b in peers if b.startswith("vublk-")]
+if "qsd" in peers:
+    hdr += [f"{backend_name(b)} / QSD" for b in vublks]
+p("| " + " | ".join(hdr) + " |")
+p("|" + "---|" * len(hdr))
+for w, title in workloads.items():
+    cells = [title]
+    for b in peers:
+        s = stats.get((w, b))
+        cells.append(fmt(s and s["iops"]))
+    if "qsd" in peers:
+        q = stats.get((w, "qsd"))
+        for b in vublks:
+            s = stats.get((w, b))
+            r = ratio(s and s["iops"], q and q["iops"])
+            cells.append(fmt(r, ".2f") + ("×" if r is not None else ""))
+    p("| " + " | ".join(cells) + " |")
+p("")
+
+# Per workload
+for w, title in workloads.items():
+    p(f"## {title}")
+    p("")
+    p("| backend | cache | runs | IOPS | IOPS min–max | MiB/s | p50 µs | p99 µs | backend cores "
+      "| IOPS / backend core | client cores | peak RSS MiB | IOPS vs QSD | IOPS/core vs QSD |")
+    p("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    q = stats.get((w, "qsd"))
+    for b in backends:
+        s = stats.get((w, b))
+        if not s:
+            continue
+        r_iops = ratio(s["iops"], q and q["iops"]) if b not in ("qsd", "fio") else None
+        r_core = ratio(s["iops_per_core"], q and q["iops_per_core"]) if b not in ("qsd", "fio") else None
+        rss = s["backend_hwm_kib"] / 1024 if s["backend_hwm_kib"] is not None else None
+        p("| " + " | ".join([
+            backend_name(b) + (f" ({s['errors']} errors!)" if s["errors"] else ""),
+            s["cache"],
+            str(s["runs"]),
+            fmt(s["iops"]),
+            f"{s['iops_min']:,.0f}–{s['iops_max']:,.0f}",
+            fmt(s["mib_s"], ",.1f"),
+            fmt(s["lat_p50_us"], ".1f"),
+            fmt(s["lat_p99_us"], ".1f"),
+            fmt(s["backend_cpu"], ".2f"),
+            fmt(s["iops_per_core"]),
+            fmt(s["client_cpu"], ".2f"),
+            fmt(rss, ".1f"),
+            "1.00×" if b == "qsd" else (fmt(r_iops, ".2f") + ("×" if r_iops is not None else "")),
+            "1.00×" if b == "qsd" else (fmt(r_core, ".2f") + ("×" if r_core is not None else "")),
+        ]) + " |")
+    p("")
+
+# Automatic warnings
+notes = []
+for (w, b), s in stats.items():
+    if b != "fio" and s["client_cpu"] is not None and s["client_cpu"] > 0.9:
+        notes.append(f"- {workloads[w]}, {backend_name(b)}: client used {s['client_cpu']:.2f} cores; "
+                     "the client may have been the bottleneck.")
+    if s["iops_min"] and s["iops_max"] / s["iops_min"] > 1.25:
+        notes.append(f"- {workloads[w]}, {backend_name(b)}: IOPS spread {s['iops_min']:,.0f}–"
+                     f"{s['iops_max']:,.0f} (> 25 %): noisy.")
+    if s["errors"]:
+        notes.append(f"- {workloads[w]}, {backend_name(b)}: {s['errors']} failed requests.")
+if notes:
+    p("## Warnings")
+    p("")
+    out.extend(notes)
+    p("")
+
+with open(md_path, "w") as f:
+    f.write("\n".join(out))
+
+
+# Chart: grouped bars of median IOPS (thousands) per workload and vhost-user backend.
+def chart():
+    wl = list(workloads)
+    if shutil.which("gnuplot"):
+        with tempfile.TemporaryDirectory() as td:
+            dat = os.path.join(td, "bench.dat")
+            with open(dat, "w") as f:
+                f.write('"workload" ' + " ".join(f'"{backend_name(b)}"' for b in peers) + "\n")
+                for w in wl:
+                    vals = []
+                    for b in peers:
+                        s = stats.get((w, b))
+                        vals.append("-" if not s else f"{s['iops'] / 1000:.1f}")
+                    f.write(f'"{SHORT.get(w, w)}" ' + " ".join(vals) + "\n")
+            n = len(peers)
+            fio = stats.get(("direct-randread-qd32", "fio"))
+            sub = ""
+            if fio:
+                sub = (f"\\nfio io_uring O_DIRECT 4k randread QD32 on the disk image (no vhost-user): "
+                       f"{fio['iops'] / 1000:.0f}k IOPS")
+            gp = f"""
+set terminal pngcairo size 1400,720 font "sans,11" noenhanced
+set output "{png_path}"
+set title "Median IOPS, libblkio client on CPU {env('BENCH_CPU_CLIENT', '0')}, backend on CPU {env('BENCH_CPU_BACKEND', '1')} ({env('BENCH_RUNTIME', '?')} s x {env('BENCH_REPS', '?')} runs){sub}"
+set datafile missing "-"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.95
+set ylabel "IOPS (thousands)"
+set yrange [0:*]
+set offsets 0, 0, graph 0.08, 0
+set grid ytics
+set key top right
+set xtics nomirror scale 0
+plot for [i=2:{n + 1}] "{dat}" using i:xtic(1) title columnheader(i), \\
+     for [i=2:{n + 1}] "{dat}" using ($0 + (i - 1 - ({n} + 1) / 2.0) / ({n} + 1.0)):i:(sprintf("%.0f", column(i))) with labels offset 0,0.7 font ",9" notitle
+"""
+            gpf = os.path.join(td, "bench.gp")
+            with open(gpf, "w") as f:
+                f.write(gp)
+            subprocess.run(["gnuplot", gpf], check=True)
+            return True
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(14, 7))
+    width = 0.8 / len(peers)
+    for i, b in enumerate(peers):
+        xs, ys = [], []
+        for j, w in enumerate(wl):
+            s = stats.get((w, b))
+            if s:
+                xs.append(j + (i - (len(peers) - 1) / 2) * width)
+                ys.append(s["iops"] / 1000)
+        bars = ax.bar(xs, ys, width, label=backend_name(b))
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(wl)), [SHORT.get(w, w).replace("\\n", "\n") for w in wl])
+    ax.set_ylabel("IOPS (thousands)")
+    ax.legend()
+    ax.grid(axis="y")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    return True
+
+
+if not chart():
+    print("bench_report: neither gnuplot nor matplotlib available; no chart")
