@@ -54,6 +54,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
     pub engine: EngineKind,
 
+    /// After a kick, keep polling the ring (and engine completions) for N µs before sleeping;
+    /// each batch found restarts the window. Trades a busy core for lower latency. 0 = off.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u32,
+
+    /// Pin queue worker threads to these CPUs, e.g. "1" or "2-5,8"; queue i runs on the
+    /// i-th CPU of the list (wrapping) [default: not pinned].
+    #[arg(long, value_name = "LIST")]
+    pub cpu_affinity: Option<String>,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,

@@ -26,6 +26,10 @@ pub struct Config {
     pub logical_block_size: u32,
     pub engine: EngineKind,
     pub log_level: log::LevelFilter,
+    /// Busy-poll window after a kick (0: off).
+    pub poll_us: u32,
+    /// CPUs for queue workers (empty: no pinning).
+    pub cpus: Vec<usize>,
 }
 
 /// A flag combination or value we refuse; printed as one line.
@@ -49,6 +53,10 @@ pub enum ConfigError {
     SocketDir(PathBuf),
     #[error("unknown --log-level {0:?} (use error, warn, info, debug or trace)")]
     LogLevel(String),
+    #[error("--cpu-affinity {0:?}: expected a CPU list like \"1\" or \"0-3,6\"")]
+    CpuList(String),
+    #[error("--poll-us {0} is more than 1000000 (one second)")]
+    PollUs(u32),
 }
 
 impl TryFrom<Args> for Config {
@@ -89,7 +97,16 @@ impl TryFrom<Args> for Config {
             .log_level
             .parse()
             .map_err(|_| ConfigError::LogLevel(a.log_level.clone()))?;
+        if a.poll_us > 1_000_000 {
+            return Err(ConfigError::PollUs(a.poll_us));
+        }
+        let cpus = match &a.cpu_affinity {
+            Some(l) => parse_cpu_list(l).ok_or_else(|| ConfigError::CpuList(l.clone()))?,
+            None => Vec::new(),
+        };
         Ok(Config {
+            poll_us: a.poll_us,
+            cpus,
             listen,
             image,
             read_only: a.read_only,
@@ -101,6 +118,25 @@ impl TryFrom<Args> for Config {
             log_level,
         })
     }
+}
+
+/// "0-3,6" → [0, 1, 2, 3, 6]; `None` if malformed, empty, or beyond CPU_SETSIZE.
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let v: usize = part.trim().parse().ok()?;
+                (v, v)
+            }
+        };
+        if lo > hi || hi >= libc::CPU_SETSIZE as usize {
+            return None;
+        }
+        out.extend(lo..=hi);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A stable id for an image: FNV-1a of its canonical path, so restarts and reconnects see the
@@ -208,6 +244,26 @@ mod tests {
         );
         let c = parse(&["--fd", "3", "--blk-file", "/i", "--serial", "disk0"]).unwrap();
         assert_eq!(c.serial, b"disk0");
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("1"), Some(vec![1]));
+        assert_eq!(parse_cpu_list("0-2,5"), Some(vec![0, 1, 2, 5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("x"), None);
+        assert_eq!(parse_cpu_list("5000"), None);
+        let c = parse(&["--fd", "3", "--blk-file", "/i", "--cpu-affinity", "1,0"]).unwrap();
+        assert_eq!(c.cpus, vec![1, 0]);
+        assert!(matches!(
+            parse(&["--fd", "3", "--blk-file", "/i", "--cpu-affinity", "a"]),
+            Err(ConfigError::CpuList(_))
+        ));
+        assert_eq!(
+            parse(&["--fd", "3", "--blk-file", "/i", "--poll-us", "2000000"]),
+            Err(ConfigError::PollUs(2_000_000))
+        );
     }
 
     #[test]

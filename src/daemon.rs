@@ -20,7 +20,7 @@ use crate::engine::direct::{DirectEngine, DirectError, open_direct};
 use crate::engine::sync::SyncEngine;
 use crate::engine::{Engine, EngineKind};
 use crate::image::{Image, ImageError};
-use crate::vhu_blk::{BackendError, VhuBlk};
+use crate::vhu_blk::{BackendError, QueueOpts, VhuBlk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -291,7 +291,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         image.path.display(),
         info.size,
         if info.read_only { ", read-only" } else { "" },
-        cfg.engine,
+        engine.name(),
         cfg.num_queues,
         if info.discard { "on" } else { "off" },
         String::from_utf8_lossy(&cfg.serial),
@@ -302,7 +302,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     sd_notify("READY=1\nSTATUS=waiting for a frontend");
 
-    let result = serve_loop(&ctl, &mut listener, &*engine, &geo, &cfg.serial);
+    let opts = QueueOpts {
+        poll: std::time::Duration::from_micros(u64::from(cfg.poll_us)),
+        cpus: cfg.cpus.clone(),
+    };
+    let result = serve_loop(&ctl, &mut listener, &*engine, &geo, &cfg.serial, &opts);
     sd_notify("STOPPING=1");
     let synced = engine.sync_all().map_err(DaemonError::FinalSync);
     if let Some(p) = owned_path {
@@ -317,11 +321,12 @@ fn serve_loop(
     engine: &dyn Engine,
     geo: &DeviceGeometry,
     serial: &[u8],
+    opts: &QueueOpts,
 ) -> Result<(), DaemonError> {
     let mut conn_no = 0u64;
     while !ctl.stop.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = VhuBlk::new(engine, geo.clone(), serial, mem.clone())?;
+        let backend = VhuBlk::new(engine, geo.clone(), serial, mem.clone(), opts.clone())?;
         let mut daemon = VhostUserDaemon::new("vublk".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
         for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {

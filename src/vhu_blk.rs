@@ -30,8 +30,18 @@ pub struct VhuBlk {
     inner: Arc<Inner>,
 }
 
+/// Per-daemon queue options.
+#[derive(Clone, Debug, Default)]
+pub struct QueueOpts {
+    /// Busy-poll window after a kick (zero: off).
+    pub poll: std::time::Duration,
+    /// CPUs to pin queue workers to (empty: no pinning).
+    pub cpus: Vec<usize>,
+}
+
 struct Inner {
     dev: DeviceCtx,
+    opts: QueueOpts,
     queues: Vec<Mutex<QueueWorker>>,
     exit: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
     acked_features: AtomicU64,
@@ -60,6 +70,7 @@ impl VhuBlk {
         geo: DeviceGeometry,
         serial: &[u8],
         mem: GuestMemoryAtomic<GuestMem>,
+        opts: QueueOpts,
     ) -> Result<Self, BackendError> {
         let mut id = [0u8; ID_LEN];
         let n = serial.len().min(ID_LEN);
@@ -83,6 +94,7 @@ impl VhuBlk {
                     serial: id,
                     mem,
                 },
+                opts,
                 queues,
                 exit: Mutex::new(exit),
                 acked_features: AtomicU64::new(0),
@@ -261,7 +273,13 @@ impl VhostUserBackend for VhuBlk {
             return Ok(());
         }
         let k = self.kick_ctx();
-        if let Err(e) = lock(q).process(vring, &self.inner.dev, k) {
+        let mut w = lock(q);
+        w.pin(&self.inner.opts.cpus);
+        let mut r = w.process(vring, &self.inner.dev, k);
+        if r.is_ok() && !self.inner.opts.poll.is_zero() {
+            r = w.poll(vring, &self.inner.dev, k, self.inner.opts.poll);
+        }
+        if let Err(e) = r {
             // Returning an error would end this queue's thread; log and wait for the next kick.
             warn!("queue {thread_id}: {e}");
         }

@@ -3,6 +3,8 @@
 //! queue's thread, so queues never contend on a lock.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -46,6 +48,7 @@ pub struct QueueWorker {
     /// The ring this worker serves, remembered so in-flight requests can be completed when the
     /// frontend stops the ring (GET_VRING_BASE).
     vring: Option<Vring>,
+    pinned: bool,
     engine: Box<dyn EngineQueue>,
     /// In-flight requests indexed by engine tag; `free` recycles slots so tags stay unique even
     /// if a guest submits the same head twice.
@@ -68,6 +71,7 @@ impl QueueWorker {
         QueueWorker {
             index,
             vring: None,
+            pinned: false,
             engine,
             slots: Vec::new(),
             free: Vec::new(),
@@ -79,6 +83,63 @@ impl QueueWorker {
     /// Requests submitted to the engine and not completed yet.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Busy-polls the avail ring and engine completions for `window`, processing whatever
+    /// shows up; each batch found restarts the window (adaptive: polling stops soon after the
+    /// guest goes quiet).
+    pub fn poll(
+        &mut self,
+        vring: &Vring,
+        dev: &DeviceCtx,
+        k: KickCtx,
+        window: Duration,
+    ) -> Result<(), WorkerError> {
+        let mut deadline = Instant::now() + window;
+        loop {
+            let pending = {
+                let mem = dev.mem.memory();
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                q.ready()
+                    && q.avail_idx(&*mem, Ordering::Acquire)
+                        .is_ok_and(|i| i.0 != q.next_avail())
+            };
+            if pending || self.engine.has_completions() {
+                self.process(vring, dev, k)?;
+                deadline = Instant::now() + window;
+            } else if Instant::now() >= deadline {
+                return Ok(());
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Pins the calling thread (this queue's worker) to `cpus[index % len]`, once.
+    pub fn pin(&mut self, cpus: &[usize]) {
+        if self.pinned || cpus.is_empty() {
+            return;
+        }
+        self.pinned = true;
+        let cpu = cpus[self.index % cpus.len()];
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET initialise it; `cpu` is below
+        // CPU_SETSIZE (checked by the config parser).
+        let r = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if r != 0 {
+            warn!(
+                "queue {}: cannot pin to CPU {cpu}: {}",
+                self.index,
+                std::io::Error::last_os_error()
+            );
+        } else {
+            debug!("queue {} pinned to CPU {cpu}", self.index);
+        }
     }
 
     /// The engine's completion eventfd, if it has one (asynchronous engines).

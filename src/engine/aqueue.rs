@@ -500,6 +500,16 @@ impl EngineQueue for AsyncQueue {
         Some(self.st.efd.as_raw_fd())
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.st.done.is_empty()
+            || match &mut self.st.exec {
+                Exec::Uring { ring, .. } => !ring.completion().is_empty(),
+                Exec::Pool { results, .. } => {
+                    !results.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+                }
+            }
+    }
+
     fn wait(&mut self) {
         if let Err(e) = self.st.wait_one() {
             warn!("waiting for in-flight I/O: {e}");

@@ -222,6 +222,10 @@ impl DirectEngine {
 }
 
 impl Engine for DirectEngine {
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+
     fn info(&self) -> &EngineInfo {
         &self.info
     }

@@ -60,6 +60,8 @@ pub struct EngineInfo {
 
 /// An opened image shared by all queues.
 pub trait Engine: Send + Sync {
+    /// Short name for logs ("sync", "direct").
+    fn name(&self) -> &'static str;
     fn info(&self) -> &EngineInfo;
     /// Per-queue submission context; each worker owns one, so queues share no lock.
     fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>>;
@@ -75,6 +77,10 @@ pub trait EngineQueue: Send {
     fn commit(&mut self) {}
     /// Blocks until at least one in-flight op has completed (no-op for inline engines).
     fn wait(&mut self) {}
+    /// Completions are ready to reap (checked without a syscall, for polling).
+    fn has_completions(&mut self) -> bool {
+        false
+    }
     /// Moves finished ops into `out`.
     fn reap(&mut self, out: &mut Vec<Completion>);
     /// Ops submitted and not yet reaped.

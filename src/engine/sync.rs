@@ -30,6 +30,10 @@ impl SyncEngine {
 }
 
 impl Engine for SyncEngine {
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+
     fn info(&self) -> &EngineInfo {
         &self.info
     }
