@@ -14,13 +14,14 @@
 # Environment:
 #   RUNTIME=10        measured seconds per run            RAMP=2   warm-up seconds per run
 #   REPS=3            repetitions (median reported)       QUICK=1  1 s runs, 1 rep (CI smoke)
-#   ENGINES="sync"    vublk engines to run (each is one backend column)
+#   ENGINES="sync"    vublk engines to run (each is one backend column), e.g. "sync direct"
 #   QSD=1             include qemu-storage-daemon (0 to skip)
 #   CH_BLOCK_BIN=PATH also run cloud-hypervisor's vhost_user_block
 #   FIO=1             the extra fio row (local io_uring O_DIRECT, the disk's limit)
 #   WORKLOADS="..."   subset of workload ids (default: all; see the table below)
-#   VUBLK_DIRECT_ARGS vublk arguments for the O_DIRECT workloads (default: "--direct" if
-#                     `vublk --help` lists it, else none: vublk then goes through the page cache)
+#   VUBLK_DIRECT_ARGS extra vublk arguments for the disk (O_DIRECT) workloads (default none).
+#                     Engine "sync" serves them through the page cache, "direct"/"auto" with
+#                     O_DIRECT; "direct" is skipped on the tmpfs workloads.
 #   IMG_MIB=1024      image size           BENCH_DIR=/tmp  where the O_DIRECT image lives
 #   CPU_CLIENT=0 CPU_BACKEND=1            OUTDIR=.  (see above)
 set -euo pipefail
@@ -48,11 +49,11 @@ all_workloads=(
     "shm-randread-qd32|shm|randread|4096|32|1|4k randread QD32, 1 queue, /dev/shm"
     "shm-randread-qd32-2q|shm|randread|4096|32|2|4k randread QD32 per queue, 2 queues, /dev/shm"
     "shm-randwrite-qd32|shm|randwrite|4096|32|1|4k randwrite QD32, 1 queue, /dev/shm"
-    "direct-randread-qd32|disk|randread|4096|32|1|4k randread QD32, 1 queue, $BENCH_DIR O_DIRECT"
-    "direct-randwrite-qd32|disk|randwrite|4096|32|1|4k randwrite QD32, 1 queue, $BENCH_DIR O_DIRECT"
-    "direct-read128k-qd8|disk|read|131072|8|1|128k sequential read QD8, 1 queue, $BENCH_DIR O_DIRECT"
+    "disk-randread-qd32|disk|randread|4096|32|1|4k randread QD32, 1 queue, $BENCH_DIR (disk)"
+    "disk-randwrite-qd32|disk|randwrite|4096|32|1|4k randwrite QD32, 1 queue, $BENCH_DIR (disk)"
+    "disk-read128k-qd8|disk|read|131072|8|1|128k sequential read QD8, 1 queue, $BENCH_DIR (disk)"
 )
-FIO_WORKLOAD="direct-randread-qd32"
+FIO_WORKLOAD="disk-randread-qd32"
 
 say() { printf '%s\n' "$*" >&2; }
 die() {
@@ -143,11 +144,11 @@ cargo build --release --quiet --example bench_client
 vublk=$root/target/release/vublk
 client=$root/target/release/examples/bench_client
 
-if [[ ! -v VUBLK_DIRECT_ARGS ]]; then
-    VUBLK_DIRECT_ARGS=""
-    if "$vublk" --help | grep -q -- '--direct'; then VUBLK_DIRECT_ARGS="--direct"; fi
-fi
+VUBLK_DIRECT_ARGS=${VUBLK_DIRECT_ARGS:-}
 read -ra vublk_direct_args <<<"$VUBLK_DIRECT_ARGS"
+for e in $ENGINES; do
+    "$vublk" --help | grep -qE "^ *- $e:" || die "vublk has no --engine $e (see vublk --help)"
+done
 
 backends=()
 for e in $ENGINES; do backends+=("vublk-$e"); done
@@ -210,6 +211,10 @@ run_one() {
         img=$shm_img direct=off cache="tmpfs (page cache)"
     else
         img=$disk_img direct=on cache="O_DIRECT"
+        # Same start for every backend: none of the image in the page cache (a page-cache engine
+        # would otherwise see whatever earlier runs left there, and O_DIRECT writes drop it).
+        sync "$img"
+        dd if="$img" iflag=nocache count=0 status=none
     fi
     run_seq=$((run_seq + 1))
     local sock=$work/s$run_seq.sock log=$work/backend-$run_seq.log out=$work/client-$run_seq.json
@@ -248,16 +253,21 @@ print(json.dumps({
     "backend_cpu": None, "backend_hwm_kib": None,
 }))
 EOF
-        cache="O_DIRECT (local fio, no vhost-user)"
+        cache="O_DIRECT"
     else
         local cmd
         case $backend in
         vublk-*)
+            local engine=${backend#vublk-}
             cmd=(taskset -c "$CPU_BACKEND" "$vublk" --socket-path "$sock" --blk-file "$img"
-                --num-queues "$nq" --engine "${backend#vublk-}" --log-level warn)
+                --num-queues "$nq" --engine "$engine" --log-level warn)
             if [[ $direct == on ]]; then
                 cmd+=("${vublk_direct_args[@]}")
-                ((${#vublk_direct_args[@]})) || cache="page cache (vublk has no O_DIRECT mode)"
+                case $engine in
+                direct | auto) cache="O_DIRECT" ;;
+                sync) ((${#vublk_direct_args[@]})) || cache="page cache" ;;
+                *) cache="engine $engine" ;;
+                esac
             fi
             ;;
         qsd)
@@ -267,7 +277,7 @@ EOF
             ;;
         ch)
             cmd=(taskset -c "$CPU_BACKEND" "$CH_BLOCK_BIN"
-                --block-backend "path=$img,socket=$sock,num_queues=$nq,direct=$direct")
+                --block-backend "path=$img,socket=$sock,num_queues=$nq,direct=$([[ $direct == on ]] && echo true || echo false)")
             ;;
         *) die "unknown backend $backend" ;;
         esac
@@ -310,11 +320,16 @@ EOF
 # The runs: rep → workload → backend, backend order rotated each rep.
 # ---------------------------------------------------------------------------------------------
 say "bench: backends: ${backends[*]}; ${#workloads[@]} workloads; REPS=$REPS RUNTIME=${RUNTIME}s RAMP=${RAMP}s"
-say "bench: vublk O_DIRECT args: ${VUBLK_DIRECT_ARGS:-(none: page cache)}"
+[[ -n $VUBLK_DIRECT_ARGS ]] && say "bench: extra vublk args on the disk workloads: $VUBLK_DIRECT_ARGS"
 for ((rep = 1; rep <= REPS; rep++)); do
     say "bench: rep $rep/$REPS"
     for w in "${workloads[@]}"; do
-        list=("${backends[@]}")
+        list=()
+        for b in "${backends[@]}"; do
+            # The direct engine needs O_DIRECT, which tmpfs lacks.
+            [[ $b == vublk-direct && ${w#*|} == shm* ]] && continue
+            list+=("$b")
+        done
         [[ $FIO == 1 && ${w%%|*} == "$FIO_WORKLOAD" ]] && list+=(fio)
         n=${#list[@]}
         for ((k = 0; k < n; k++)); do

@@ -26,9 +26,9 @@ SHORT = {
     "shm-randread-qd32": "4k randread\\nQD32 shm",
     "shm-randread-qd32-2q": "4k randread\\nQD32x2q shm",
     "shm-randwrite-qd32": "4k randwrite\\nQD32 shm",
-    "direct-randread-qd32": "4k randread\\nQD32 direct",
-    "direct-randwrite-qd32": "4k randwrite\\nQD32 direct",
-    "direct-read128k-qd8": "128k seq read\\nQD8 direct",
+    "disk-randread-qd32": "4k randread\\nQD32 disk",
+    "disk-randwrite-qd32": "4k randwrite\\nQD32 disk",
+    "disk-read128k-qd8": "128k seq read\\nQD8 disk",
 }
 
 
@@ -51,6 +51,7 @@ def fmt(v, spec=",.0f", none="–"):
     return none if v is None else format(v, spec)
 
 
+os.makedirs(os.path.dirname(png_path), exist_ok=True)
 rows = [json.loads(line) for line in open(raw_path) if line.strip()]
 workloads = OrderedDict()  # id -> title
 backends = []
@@ -60,7 +61,7 @@ for r in rows:
         backends.append(r["backend"])
 # vublk engines first, then peers, fio last
 order = {"qsd": 1, "ch": 2, "fio": 3}
-backends.sort(key=lambda b: (order.get(b, 0), b))
+backends.sort(key=lambda b: order.get(b, 0))  # stable: ENGINES order kept
 
 stats = {}  # (workload, backend) -> dict
 for w in workloads:
@@ -113,21 +114,28 @@ p(f"- Machine: {os.cpu_count()} CPUs ({cpu_model}), {mem_gib:.0f} GiB RAM, Linux
 p(f"- Peers: {env('BENCH_QSD_VERSION', '?')}; {env('BENCH_FIO_VERSION', '?')}")
 p(f"- Each run: a fresh backend pinned to CPU {env('BENCH_CPU_BACKEND', '1')}, the client pinned "
   f"to CPU {env('BENCH_CPU_CLIENT', '0')}, {env('BENCH_RAMP', '?')} s warm-up then "
-  f"{env('BENCH_RUNTIME', '?')} s measured; {env('BENCH_REPS', '?')} repetitions, interleaved "
+  f"{env('BENCH_RUNTIME', '?')} s measured; {env('BENCH_REPS', '?')} repetition(s), interleaved "
   "(repetition → workload → backend, backend order rotated every repetition). Tables show "
   "medians of each column over the repetitions (IOPS min–max shows the spread).")
 p(f"- Images: {env('BENCH_IMG_MIB', '1024')} MiB raw, filled with random data, one on /dev/shm "
   f"(tmpfs) and one in {env('BENCH_DIR', '/tmp')} (ext4 on the VM's virtio disk). "
   "qemu-storage-daemon uses `cache.direct=off` on tmpfs (no O_DIRECT there) and "
-  "`cache.direct=on` on disk.")
+  "`cache.direct=on` on disk. Before every disk run the script drops the image's pages from "
+  "the page cache, so each run starts alike.")
 direct_args = env("BENCH_VUBLK_DIRECT_ARGS", "")
 if direct_args:
-    p(f"- vublk serves the O_DIRECT workloads with `{direct_args}`.")
-else:
-    p("- **vublk had no O_DIRECT mode when this ran**: on the \"O_DIRECT\" workloads it serves the "
-      "image through the page cache (the whole image fits in RAM), so those rows compare vublk's "
-      "page-cache path against the peers' O_DIRECT path, not like with like; its randwrite there "
-      "is also written back later by kernel threads whose CPU is not counted as vublk's.")
+    p(f"- vublk got the extra arguments `{direct_args}` on the disk workloads.")
+paged = sorted({r["backend"] for r in rows
+                if r["backend"].startswith("vublk-") and r.get("cache") == "page cache"})
+if paged:
+    names = ", ".join(backend_name(b) for b in paged)
+    p(f"- **{names} served the disk workloads through the page cache** (cold at the start of "
+      "each run, warming during it; the image fits in RAM, so these numbers grow with the run "
+      "length: a sequential reader caches the whole image within seconds). Those rows compare a "
+      "page-cache path with the peers' O_DIRECT path, not like with like, and its writes there "
+      "are written "
+      "back later by kernel threads whose CPU is not counted as vublk's. The `direct` engine "
+      "(`ENGINES=\"sync direct\"`) is the like-for-like comparison.")
 p("- Backend cores: the backend's (utime+stime) from `/proc/PID/stat`, sampled by the client at "
   "the start and end of the measured window, divided by the window's length (all threads, "
   "including io_uring workers). Peak RSS: `VmHWM` at the end of the run (includes the client's "
@@ -234,11 +242,14 @@ def chart():
                         vals.append("-" if not s else f"{s['iops'] / 1000:.1f}")
                     f.write(f'"{SHORT.get(w, w)}" ' + " ".join(vals) + "\n")
             n = len(peers)
-            fio = stats.get(("direct-randread-qd32", "fio"))
+            fio = stats.get(("disk-randread-qd32", "fio"))
             sub = ""
             if fio:
                 sub = (f"\\nfio io_uring O_DIRECT 4k randread QD32 on the disk image (no vhost-user): "
                        f"{fio['iops'] / 1000:.0f}k IOPS")
+            paged_names = [backend_name(b) for b in paged]
+            if paged_names:
+                sub += f"\\n{', '.join(paged_names)}: disk workloads through the page cache"
             gp = f"""
 set terminal pngcairo size 1400,720 font "sans,11" noenhanced
 set output "{png_path}"
@@ -250,11 +261,14 @@ set style fill solid 0.85 border -1
 set boxwidth 0.95
 set ylabel "IOPS (thousands)"
 set yrange [0:*]
+set xrange [-0.6:{len(wl) - 0.4}]
 set offsets 0, 0, graph 0.08, 0
 set grid ytics
 set key top right
 set xtics nomirror scale 0
-plot for [i=2:{n + 1}] "{dat}" using i:xtic(1) title columnheader(i), \\
+set bmargin 5
+set key autotitle columnhead
+plot for [i=2:{n + 1}] "{dat}" using i:xtic(1), \\
      for [i=2:{n + 1}] "{dat}" using ($0 + (i - 1 - ({n} + 1) / 2.0) / ({n} + 1.0)):i:(sprintf("%.0f", column(i))) with labels offset 0,0.7 font ",9" notitle
 """
             gpf = os.path.join(td, "bench.gp")

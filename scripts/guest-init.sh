@@ -120,5 +120,10 @@ runfio fio-verify-4k --rw=randwrite --verify_only=1 $R1
 # shellcheck disable=SC2086
 runfio fio-verify-bsrange --rw=randwrite --verify_only=1 $R2
 runfio fio-short --rw=randwrite --do_verify=1 --bs=4k --size=8M --offset=0 --offset_increment=8M
+# Write-through: the driver writes wce=0 to config space (SET_CONFIG); writes must still verify.
+# (virtio_blk's cache_type attribute writes config space; queue/write_cache does not.)
+check write-through sh -c 'echo "write through" >/sys/block/vda/cache_type &&
+    [ "$(cat /sys/block/vda/cache_type)" = "write through" ]'
+runfio fio-write-through --rw=randwrite --do_verify=1 --bs=4k --size=4M --offset=16M --offset_increment=4M
 dd if=/dev/zero of=/dev/vda bs=4096 seek=$MARK_OFF count=1 conv=fsync 2>/dev/null # next run: boot 1
 finish

@@ -83,13 +83,19 @@ failed=$(grep -c '^VUBLK-TEST FAIL ' "$tmp/console.txt" || true)
 if [[ -z $reason ]]; then ok qemu-ran; else bad qemu-ran "$reason"; fi
 if ((qrc == 0)); then ok qemu-exit; else bad qemu-exit "status $qrc: $(tail -n 3 "$tmp/qemu.log")"; fi
 for c in b1.capacity b1.queues b1.fio-4k b1.fio-bsrange b1.used-q0 b1.used-q1 b1.pattern-write \
-    b2.capacity b2.queues b2.pattern-read b2.fio-verify-4k b2.fio-verify-bsrange b2.fio-short; do
+    b2.capacity b2.queues b2.pattern-read b2.fio-verify-4k b2.fio-verify-bsrange b2.fio-short \
+    b2.write-through b2.fio-write-through; do
     grep -qE "^VUBLK-TEST (PASS|FAIL) $c(\$|:)" "$tmp/console.txt" || bad "guest-$c" "check never ran"
 done
 if grep -q '^VUBLK-DONE failed=0' "$tmp/console.txt"; then ok guest-done; else bad guest-done "guest did not finish cleanly"; fi
 
 # The guest's pattern must be in the image file, where the guest put it.
 if cmp -n 1048576 -i "$pat_off:0" "$img" "$tmp/extra/pattern.bin"; then ok pattern-in-image; else bad pattern-in-image; fi
+
+# The guest's wce=0 must have reached vublk (SET_CONFIG); qsd does not log it.
+if [[ $BACKEND == vublk ]]; then
+    if grep -q 'write cache off' "$blog"; then ok wce-set-config; else bad wce-set-config "no SET_CONFIG wce=0 in the log"; fi
+fi
 
 # The backend must outlive its frontend, then stop cleanly on SIGTERM.
 if kill -0 "$backend_pid" 2>/dev/null; then

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -203,14 +203,11 @@ impl VhostUserBackend for VhuBlk {
             warn!("{e}");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
-        debug!(
-            "write cache {}",
-            if self.inner.dev.config.writeback() {
-                "on"
-            } else {
-                "off"
-            }
-        );
+        if self.inner.dev.config.writeback() {
+            info!("guest turned the write cache on (writeback; FLUSH makes writes durable)");
+        } else {
+            info!("guest turned the write cache off (write-through: every write is O_DSYNC)");
+        }
         Ok(())
     }
 
