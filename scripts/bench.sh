@@ -19,6 +19,7 @@
 #   CH_BLOCK_BIN=PATH also run cloud-hypervisor's vhost_user_block
 #   FIO=1             the extra fio row (local io_uring O_DIRECT, the disk's limit)
 #   WORKLOADS="..."   subset of workload ids (default: all; see the table below)
+#   VUBLK_ARGS="..." extra vublk arguments for every run (e.g. "--poll-us 50")
 #   VUBLK_DIRECT_ARGS extra vublk arguments for the disk (O_DIRECT) workloads (default none).
 #                     Engine "sync" serves them through the page cache, "direct"/"auto" with
 #                     O_DIRECT; "direct" is skipped on the tmpfs workloads.
@@ -29,7 +30,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 # The settings given in the environment, to print the exact command in the report.
-settings=(QUICK RUNTIME RAMP REPS ENGINES QSD FIO CH_BLOCK_BIN WORKLOADS VUBLK_DIRECT_ARGS IMG_MIB
+settings=(QUICK RUNTIME RAMP REPS ENGINES QSD FIO CH_BLOCK_BIN WORKLOADS VUBLK_ARGS VUBLK_DIRECT_ARGS IMG_MIB
     BENCH_DIR CPU_CLIENT CPU_BACKEND OUTDIR)
 env_given=()
 for v in "${settings[@]}"; do if [[ -v $v ]]; then env_given+=("$v"); fi; done
@@ -144,7 +145,8 @@ cargo build --release --quiet --example bench_client
 vublk=$root/target/release/vublk
 client=$root/target/release/examples/bench_client
 
-VUBLK_DIRECT_ARGS=${VUBLK_DIRECT_ARGS:-}
+VUBLK_ARGS=${VUBLK_ARGS:-} VUBLK_DIRECT_ARGS=${VUBLK_DIRECT_ARGS:-}
+read -ra vublk_args <<<"$VUBLK_ARGS"
 read -ra vublk_direct_args <<<"$VUBLK_DIRECT_ARGS"
 for e in $ENGINES; do
     "$vublk" --help | grep -qE "^ *- $e:" || die "vublk has no --engine $e (see vublk --help)"
@@ -260,7 +262,7 @@ EOF
         vublk-*)
             local engine=${backend#vublk-}
             cmd=(taskset -c "$CPU_BACKEND" "$vublk" --socket-path "$sock" --blk-file "$img"
-                --num-queues "$nq" --engine "$engine" --log-level warn)
+                --num-queues "$nq" --engine "$engine" --log-level warn "${vublk_args[@]}")
             if [[ $direct == on ]]; then
                 cmd+=("${vublk_direct_args[@]}")
                 case $engine in
@@ -320,6 +322,7 @@ EOF
 # The runs: rep → workload → backend, backend order rotated each rep.
 # ---------------------------------------------------------------------------------------------
 say "bench: backends: ${backends[*]}; ${#workloads[@]} workloads; REPS=$REPS RUNTIME=${RUNTIME}s RAMP=${RAMP}s"
+[[ -n $VUBLK_ARGS ]] && say "bench: extra vublk args: $VUBLK_ARGS"
 [[ -n $VUBLK_DIRECT_ARGS ]] && say "bench: extra vublk args on the disk workloads: $VUBLK_DIRECT_ARGS"
 for ((rep = 1; rep <= REPS; rep++)); do
     say "bench: rep $rep/$REPS"
@@ -356,7 +359,7 @@ export BENCH_RAW=$raw BENCH_OUTDIR=$OUTDIR BENCH_CMD=$cmdline BENCH_STARTED=$sta
     BENCH_FINISHED=$finished BENCH_LOAD="$load_before → $load_after" \
     BENCH_RUNTIME=$RUNTIME BENCH_RAMP=$RAMP BENCH_REPS=$REPS BENCH_CPU_CLIENT=$CPU_CLIENT \
     BENCH_CPU_BACKEND=$CPU_BACKEND BENCH_IMG_MIB=$IMG_MIB BENCH_DIR \
-    BENCH_VUBLK_DIRECT_ARGS=$VUBLK_DIRECT_ARGS \
+    BENCH_VUBLK_ARGS=$VUBLK_ARGS BENCH_VUBLK_DIRECT_ARGS=$VUBLK_DIRECT_ARGS \
     BENCH_QSD_VERSION=$qsd_version BENCH_FIO_VERSION=$fio_version BENCH_GIT=$git_rev
 python3 scripts/bench_report.py
 say "bench: wrote $OUTDIR/BENCHMARKS.md, $OUTDIR/docs/bench.png, $raw"

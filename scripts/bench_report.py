@@ -122,6 +122,8 @@ p(f"- Images: {env('BENCH_IMG_MIB', '1024')} MiB raw, filled with random data, o
   "qemu-storage-daemon uses `cache.direct=off` on tmpfs (no O_DIRECT there) and "
   "`cache.direct=on` on disk. Before every disk run the script drops the image's pages from "
   "the page cache, so each run starts alike.")
+if env("BENCH_VUBLK_ARGS"):
+    p(f"- vublk got the extra arguments `{env('BENCH_VUBLK_ARGS')}` on every run.")
 direct_args = env("BENCH_VUBLK_DIRECT_ARGS", "")
 if direct_args:
     p(f"- vublk got the extra arguments `{direct_args}` on the disk workloads.")
