@@ -17,6 +17,12 @@ step cargo clippy
 cargo clippy --all-targets -- -D warnings
 step cargo test
 cargo test
+# The libblkio integration tests again on the direct engine: io_uring, then the thread-pool
+# fallback that runs where io_uring is unavailable.
+step "cargo test: integration tests, engine=direct"
+VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
+step "cargo test: integration tests, engine=direct without io_uring"
+VUBLK_DISABLE_IO_URING=1 VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
 step cargo build --release
 cargo build --release
 # The real guest against each engine, and the direct engine on a 4 KiB-sector device under a

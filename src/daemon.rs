@@ -81,7 +81,12 @@ pub fn sd_notify(state: &str) {
     } else {
         std::os::unix::net::SocketAddr::from_pathname(Path::new(std::ffi::OsStr::from_bytes(path)))
     };
-    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    // Never block: a stalled service manager must not stall the daemon.
+    let sent = addr.and_then(|a| {
+        let s = UnixDatagram::unbound()?;
+        s.set_nonblocking(true)?;
+        s.send_to_addr(state.as_bytes(), &a)
+    });
     if let Err(e) = sent {
         warn!("sd_notify {state:?} failed: {e}");
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::blk::iov::GuestMem;
@@ -158,7 +158,7 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let mem: Arc<GuestMem> = dev.mem.memory().into_inner();
+        let mut mem: Arc<GuestMem> = dev.mem.memory().into_inner();
         let mut state = vring.get_mut();
         let mut used = false;
         self.complete(&mem, &mut state, &mut used)?;
@@ -176,6 +176,15 @@ impl QueueWorker {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
+                // The frontend may have added a memory region (libblkio does, while rings run)
+                // after our snapshot and before posting this request: we read its avail index
+                // only now, so a newer table means the request may need it. Pop it again.
+                let cur = dev.mem.memory();
+                if !std::ptr::eq(&*cur, &*mem) {
+                    state.get_queue_mut().go_to_previous_position();
+                    mem = cur.into_inner();
+                    continue;
+                }
                 let req = parse_request(chain, &mem, dev.config.geometry());
                 self.dispatch(req, &mem, &mut state, dev, k, &mut used)?;
             }
