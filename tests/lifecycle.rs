@@ -423,6 +423,7 @@ fn fd_mode() {
         pass_fd: Some(fd),
         socket: None,
         stop_reading_notify_after_ready: false,
+        deny_io_uring: false,
     });
     d.wait_ready(READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -475,6 +476,7 @@ fn stalled_notify_socket_does_not_block_daemon() {
         pass_fd: None,
         socket: Some(sock.clone()),
         stop_reading_notify_after_ready: true,
+        deny_io_uring: false,
     });
     d.wait_ready(READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));

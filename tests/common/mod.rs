@@ -300,6 +300,54 @@ pub struct Spawn<'a> {
     pub socket: Option<PathBuf>,
     /// Stop reading NOTIFY_SOCKET after READY=1 (a stalled service manager).
     pub stop_reading_notify_after_ready: bool,
+    /// Run the daemon under a seccomp filter that fails io_uring_setup with EPERM (as a
+    /// container runtime's default profile may).
+    pub deny_io_uring: bool,
+}
+
+/// Installs a seccomp filter failing `io_uring_setup` with EPERM. Runs between fork and exec,
+/// so it only makes async-signal-safe calls (prctl).
+#[cfg(target_arch = "x86_64")]
+fn seccomp_deny_io_uring() -> std::io::Result<()> {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        // seccomp_data.nr is the first u32
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        jeq(libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a valid, live filter program.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 pub fn os_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<OsString> {
@@ -353,6 +401,7 @@ impl Daemon {
             pass_fd: None,
             socket: Some(socket.to_path_buf()),
             stop_reading_notify_after_ready: false,
+            deny_io_uring: false,
         });
         if let Err(e) = d.wait_ready(READY_TIMEOUT) {
             panic!("{e}");
@@ -392,6 +441,11 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).unwrap())
             .stderr(File::create(&stderr_path).unwrap());
+        #[cfg(target_arch = "x86_64")]
+        if s.deny_io_uring {
+            // SAFETY: the hook only calls prctl, which is async-signal-safe.
+            unsafe { cmd.pre_exec(seccomp_deny_io_uring) };
+        }
         if let Some(fd) = s.pass_fd {
             // SAFETY: only fcntl (async-signal-safe) runs between fork and exec.
             unsafe {
@@ -640,6 +694,7 @@ pub fn run_to_exit(dir: &TestDir, name: &str, args: &[OsString]) -> Failed {
         pass_fd: None,
         socket: None,
         stop_reading_notify_after_ready: false,
+        deny_io_uring: false,
     });
     let status = match d.wait_exit(EXIT_TIMEOUT) {
         Some(s) => s,
