@@ -50,8 +50,9 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 512)]
     pub logical_block_size: u32,
 
-    /// I/O engine.
-    #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
+    /// I/O engine: auto picks direct where O_DIRECT works on the image (not on tmpfs), else
+    /// sync.
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
 
     /// After a kick, keep polling the ring (and engine completions) for N µs before sleeping;

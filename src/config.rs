@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(c.num_queues, 16);
         assert_eq!(c.queue_size, 1024);
         assert_eq!(c.logical_block_size, 512);
-        assert_eq!(c.engine, EngineKind::Sync);
+        assert_eq!(c.engine, EngineKind::Auto);
         assert_eq!(c.serial.len(), 20);
         assert!(c.serial.starts_with(b"vublk-"));
         assert_eq!(c.log_level, log::LevelFilter::Info);

@@ -16,6 +16,20 @@ use crate::blk::request::{Command, ID_LEN, Request, used_len};
 use crate::blk::{BlkConfig, Status, parse_request};
 use crate::engine::{Completion, EngineQueue, Op};
 
+/// Requests processed back to back before a worker lets others on its CPU run.
+const YIELD_EVERY: usize = 64;
+
+fn notify_every() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("VUBLK_NOTIFY_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4)
+            .max(1)
+    })
+}
+
 /// The vring type used by the glue.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
@@ -168,6 +182,7 @@ impl QueueWorker {
         // A guest cannot make us hold more requests than its ring has slots, even by reusing
         // heads: past this we stop popping until completions free slots.
         let cap = usize::from(state.get_queue().size());
+        let mut batch = 0usize;
         loop {
             if k.event_idx {
                 state.disable_notification().map_err(WorkerError::Queue)?;
@@ -187,6 +202,20 @@ impl QueueWorker {
                 }
                 let req = parse_request(chain, &mem, dev.config.geometry());
                 self.dispatch(req, &mem, &mut state, dev, k, &mut used)?;
+                batch += 1;
+                if batch % YIELD_EVERY == 0 {
+                    // Under sustained load this loop never sleeps; let other queues' workers
+                    // sharing this CPU run, or their requests wait a whole scheduler slice.
+                    std::thread::yield_now();
+                }
+                if batch % notify_every() == 0 {
+                    // Hand finished requests back mid-batch so the driver can refill the ring
+                    // while we work: this keeps both sides busy instead of taking turns.
+                    self.engine.commit();
+                    self.complete(&mem, &mut state, &mut used)?;
+                    self.notify(&mut state, used)?;
+                    used = false;
+                }
             }
             self.engine.commit();
             self.complete(&mem, &mut state, &mut used)?;
