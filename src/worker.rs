@@ -203,12 +203,12 @@ impl QueueWorker {
                 let req = parse_request(chain, &mem, dev.config.geometry());
                 self.dispatch(req, &mem, &mut state, dev, k, &mut used)?;
                 batch += 1;
-                if batch % YIELD_EVERY == 0 {
+                if batch.is_multiple_of(YIELD_EVERY) {
                     // Under sustained load this loop never sleeps; let other queues' workers
                     // sharing this CPU run, or their requests wait a whole scheduler slice.
                     std::thread::yield_now();
                 }
-                if batch % notify_every() == 0 {
+                if batch.is_multiple_of(notify_every()) {
                     // Hand finished requests back mid-batch so the driver can refill the ring
                     // while we work: this keeps both sides busy instead of taking turns.
                     self.engine.commit();
