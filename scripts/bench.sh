@@ -14,7 +14,8 @@
 # Environment:
 #   RUNTIME=10        measured seconds per run            RAMP=2   warm-up seconds per run
 #   REPS=3            repetitions (median reported)       QUICK=1  1 s runs, 1 rep (CI smoke)
-#   ENGINES="sync"    vublk engines to run (each is one backend column), e.g. "sync direct"
+#   ENGINES="sync"    vublk engines to run (each is one backend column), e.g. "sync direct";
+#                     ENGINE+pollN adds --poll-us N and runs on the QD1 workload only
 #   QSD=1             include qemu-storage-daemon (0 to skip)
 #   CH_BLOCK_BIN=PATH also run cloud-hypervisor's vhost_user_block
 #   FIO=1             the extra fio row (local io_uring O_DIRECT, the disk's limit)
@@ -149,7 +150,7 @@ VUBLK_ARGS=${VUBLK_ARGS:-} VUBLK_DIRECT_ARGS=${VUBLK_DIRECT_ARGS:-}
 read -ra vublk_args <<<"$VUBLK_ARGS"
 read -ra vublk_direct_args <<<"$VUBLK_DIRECT_ARGS"
 for e in $ENGINES; do
-    "$vublk" --help | grep -qE "^ *- $e:" || die "vublk has no --engine $e (see vublk --help)"
+    "$vublk" --help | grep -qE "^ *- ${e%%+*}:" || die "vublk has no --engine ${e%%+*} (see vublk --help)"
 done
 
 backends=()
@@ -260,9 +261,14 @@ EOF
         local cmd
         case $backend in
         vublk-*)
-            local engine=${backend#vublk-}
+            # ENGINE or ENGINE+pollN (the latter adds --poll-us N)
+            local engine=${backend#vublk-} poll=()
+            if [[ $engine == *+poll* ]]; then
+                poll=(--poll-us "${engine##*+poll}")
+                engine=${engine%%+*}
+            fi
             cmd=(taskset -c "$CPU_BACKEND" "$vublk" --socket-path "$sock" --blk-file "$img"
-                --num-queues "$nq" --engine "$engine" --log-level warn "${vublk_args[@]}")
+                --num-queues "$nq" --engine "$engine" --log-level warn "${poll[@]}" "${vublk_args[@]}")
             if [[ $direct == on ]]; then
                 cmd+=("${vublk_direct_args[@]}")
                 case $engine in
@@ -331,6 +337,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
         for b in "${backends[@]}"; do
             # The direct engine needs O_DIRECT, which tmpfs lacks.
             [[ $b == vublk-direct && ${w#*|} == shm* ]] && continue
+            # Polling variants (ENGINE+pollN) are measured where polling matters: QD1.
+            [[ $b == *+poll* && ${w%%|*} != *-qd1 ]] && continue
             list+=("$b")
         done
         [[ $FIO == 1 && ${w%%|*} == "$FIO_WORKLOAD" ]] && list+=(fio)

@@ -17,10 +17,10 @@ step cargo clippy
 cargo clippy --all-targets -- -D warnings
 step cargo test
 cargo test
-# The libblkio integration tests again on the direct engine: io_uring, then the thread-pool
-# fallback that runs where io_uring is unavailable.
-step "cargo test: integration tests, engine=direct"
-VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
+# The libblkio integration tests again per engine (the default, auto, picks direct on /tmp):
+# sync, then direct on the thread-pool fallback that runs where io_uring is unavailable.
+step "cargo test: integration tests, engine=sync"
+VUBLK_TEST_ARGS="--engine sync" cargo test --test blkio_io --test lifecycle
 step "cargo test: integration tests, engine=direct without io_uring"
 VUBLK_DISABLE_IO_URING=1 VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
 step cargo build --release

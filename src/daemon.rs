@@ -267,7 +267,21 @@ fn is_normal_disconnect(e: &DaemonLibError) -> bool {
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigset = block_signals()?;
     let image = Image::open(&cfg.image, cfg.read_only, cfg.logical_block_size)?;
-    let engine = open_engine(&cfg, &image)?;
+    // Claim the socket before the engine logs anything: a second daemon on a live socket
+    // should fail with its one-line error only.
+    let (listener, owned_path) = match &cfg.listen {
+        Listen::Path(p) => (bind_path(p)?, Some(p.clone())),
+        Listen::Fd(fd) => (adopt_fd(*fd)?, None),
+    };
+    let engine = match open_engine(&cfg, &image) {
+        Ok(e) => e,
+        Err(e) => {
+            if let Some(p) = &owned_path {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
     let info = engine.info().clone();
     let geo = DeviceGeometry {
         size: info.size,
@@ -278,10 +292,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         read_only: info.read_only,
         discard: info.discard,
         write_zeroes: info.write_zeroes,
-    };
-    let (listener, owned_path) = match &cfg.listen {
-        Listen::Path(p) => (bind_path(p)?, Some(p.clone())),
-        Listen::Fd(fd) => (adopt_fd(*fd)?, None),
     };
     let ctl = Arc::new(Control {
         stop: AtomicBool::new(false),

@@ -182,3 +182,34 @@ fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
     drop(c);
     d.assert_alive("after concurrent read-modify-write");
 }
+
+/// `--cpu-affinity`: each queue's worker thread runs only on its CPU from the list.
+#[test]
+fn cpu_affinity_pins_queue_workers() {
+    let dir = TestDir::new("affinity");
+    let img = create_image(&dir.join("disk.img"), 16 * MIB);
+    let d = Daemon::start(&dir, &img, &["--cpu-affinity", "0"]);
+    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    // Workers pin themselves on their first kick: do I/O on both queues.
+    roundtrip(&mut c, 31);
+    let mut workers = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // Only workers that served I/O have pinned themselves; both queues did.
+        if cpus == "0" {
+            workers += 1;
+        }
+    }
+    assert_eq!(workers, 2, "both queue workers must be pinned to CPU 0");
+}
