@@ -33,4 +33,7 @@ for engine in sync direct; do
 done
 step "guest-test engine=direct on a 4096-byte-sector loop device"
 BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# A 1-second smoke of the benchmark, so the harness cannot rot (results go to target/).
+step "bench smoke"
+QUICK=1 FIO=0 ENGINES=auto scripts/bench.sh
 step "all passed"
