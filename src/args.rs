@@ -33,6 +33,11 @@ pub struct Args {
     #[arg(long)]
     pub read_only: bool,
 
+    /// Do not take QEMU-compatible image locks (by default a second writer — vublk, QEMU or
+    /// qemu-storage-daemon — is refused, and readers exclude writers).
+    #[arg(long)]
+    pub no_lock: bool,
+
     /// Queues offered (1-64). QEMU's vhost-user-blk-pci asks for one per vCPU by default, so
     /// this must be at least the VM's vCPU count; idle queues cost a sleeping thread each.
     #[arg(long, value_name = "N", default_value_t = 16)]

@@ -19,6 +19,8 @@ pub struct Config {
     pub listen: Listen,
     pub image: PathBuf,
     pub read_only: bool,
+    /// Skip image locking.
+    pub no_lock: bool,
     pub num_queues: u16,
     pub queue_size: u16,
     /// Exactly what GET_ID returns, NUL-padded by the device to 20 bytes.
@@ -110,6 +112,7 @@ impl TryFrom<Args> for Config {
             listen,
             image,
             read_only: a.read_only,
+            no_lock: a.no_lock,
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             serial,

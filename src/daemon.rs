@@ -44,6 +44,8 @@ pub enum DaemonError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Direct(#[from] DirectError),
+    #[error("image {0}")]
+    Lock(PathBuf, #[source] crate::lock::LockError),
     #[error("vhost-user daemon: {0}")]
     VhostUser(String),
     #[error("final fdatasync of the image failed")]
@@ -267,6 +269,15 @@ fn is_normal_disconnect(e: &DaemonLibError) -> bool {
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigset = block_signals()?;
     let image = Image::open(&cfg.image, cfg.read_only, cfg.logical_block_size)?;
+    if cfg.no_lock {
+        warn!(
+            "--no-lock: not locking {}; nothing stops a second writer",
+            image.path.display()
+        );
+    } else {
+        crate::lock::lock_image(&image.file, !cfg.read_only)
+            .map_err(|e| DaemonError::Lock(image.path.clone(), e))?;
+    }
     // Claim the socket before the engine logs anything: a second daemon on a live socket
     // should fail with its one-line error only.
     let (listener, owned_path) = match &cfg.listen {

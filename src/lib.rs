@@ -7,6 +7,7 @@
 //! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
 //! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock).
 //! - [`image`]: opening the image, sizing it, probing discard / zero-range support.
+//! - [`lock`]: QEMU-compatible OFD image locks (one writer, or shared readers).
 //! - [`args`] / [`config`]: the command line and its validation.
 
 // Guest input and start-up I/O must never panic the daemon.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod image;
+pub mod lock;
 pub mod vhu_blk;
 pub mod worker;
 

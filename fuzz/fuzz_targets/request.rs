@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vublk::blk::request::Command;
 use vublk::blk::{DeviceGeometry, parse_request};
 use vublk::engine::sync::SyncEngine;
@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let req = parse_request(chain, &mem, &geo);
         if let Some(at) = req.status {
-            assert!(mem.check_range(at, 1, vm_memory::Permissions::Write));
+            assert!(GuestMemory::check_range(&*mem, at, 1, vm_memory::Permissions::Write));
         }
         match req.command {
             Ok(Command::Io(op)) => {
