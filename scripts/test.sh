@@ -21,6 +21,8 @@ cargo test
 # sync, then direct on the thread-pool fallback that runs where io_uring is unavailable.
 step "cargo test: integration tests, engine=sync"
 VUBLK_TEST_ARGS="--engine sync" cargo test --test blkio_io --test lifecycle
+step "cargo test: EIO fault injection (test-only engine wrapper)"
+cargo test --features fault-injection --test faults_eio
 step "cargo test: integration tests, engine=direct without io_uring"
 VUBLK_DISABLE_IO_URING=1 VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
 step cargo build --release
@@ -33,6 +35,14 @@ for engine in sync direct; do
 done
 step "guest-test engine=direct on a 4096-byte-sector loop device"
 BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# A bounded fuzz run of the request path, so regressions show (the long run is manual:
+# see fuzz/README.md). cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets stable accept them.
+step "fuzz smoke (60 s)"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+corpus=$(mktemp -d)
+RUSTC_BOOTSTRAP=1 cargo fuzz run request "$corpus" fuzz/seeds/request -- \
+    -max_len=16384 -max_total_time=60 -print_final_stats=1 2>&1 | tail -n 15
+rm -rf "$corpus"
 # A 1-second smoke of the benchmark, so the harness cannot rot (results go to target/).
 step "bench smoke"
 QUICK=1 FIO=0 ENGINES=auto scripts/bench.sh

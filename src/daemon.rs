@@ -221,6 +221,13 @@ fn on_tmpfs(file: &std::fs::File) -> bool {
 }
 
 fn open_engine(cfg: &Config, image: &Image) -> Result<Arc<dyn Engine>, DaemonError> {
+    let engine = open_engine_kind(cfg, image)?;
+    #[cfg(feature = "fault-injection")]
+    let engine: Box<dyn Engine> = crate::engine::faulty::Faulty::wrap(engine);
+    Ok(Arc::from(engine))
+}
+
+fn open_engine_kind(cfg: &Config, image: &Image) -> Result<Box<dyn Engine>, DaemonError> {
     let direct = || -> Result<DirectEngine, DaemonError> {
         let (file, align) = open_direct(&image.path, image.info.read_only)?;
         let e = DirectEngine::new(image, file, align, true)?;
@@ -231,23 +238,23 @@ fn open_engine(cfg: &Config, image: &Image) -> Result<Arc<dyn Engine>, DaemonErr
         Ok(e)
     };
     Ok(match cfg.engine {
-        EngineKind::Sync => Arc::new(SyncEngine::new(image)),
-        EngineKind::Direct => Arc::new(direct()?),
+        EngineKind::Sync => Box::new(SyncEngine::new(image)),
+        EngineKind::Direct => Box::new(direct()?),
         EngineKind::Auto if on_tmpfs(&image.file) => {
             info!("engine auto: image is on tmpfs, using the sync (page cache) engine");
-            Arc::new(SyncEngine::new(image))
+            Box::new(SyncEngine::new(image))
         }
         EngineKind::Auto => match direct() {
             Ok(e) => {
                 info!("engine auto: using direct");
-                Arc::new(e)
+                Box::new(e)
             }
             Err(e) => {
                 info!(
                     "engine auto: {}; using the sync engine",
                     crate::error_chain(&e)
                 );
-                Arc::new(SyncEngine::new(image))
+                Box::new(SyncEngine::new(image))
             }
         },
     })

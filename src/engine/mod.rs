@@ -8,6 +8,8 @@
 pub mod aligned;
 pub mod aqueue;
 pub mod direct;
+#[cfg(feature = "fault-injection")]
+pub mod faulty;
 pub mod sync;
 
 use std::io;
