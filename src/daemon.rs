@@ -394,6 +394,7 @@ fn serve_loop(
         // Dropping the daemon stops and joins the queue threads; each finishes the kick it is
         // processing, so every request it took from the ring is completed first.
         drop(daemon);
+        backend.close_exit_fds();
         if let Err(e) = engine.sync_all() {
             error!("fdatasync after disconnect failed: {e}");
         }

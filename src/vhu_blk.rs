@@ -3,7 +3,7 @@
 //! vhost-user-backend (in-flight tracking, config-change notifications) stays in one file.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,6 +44,9 @@ struct Inner {
     opts: QueueOpts,
     queues: Vec<Mutex<QueueWorker>>,
     exit: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
+    /// Exit-event consumer fds handed to vhost-user-backend, which registers them with
+    /// `into_raw_fd()` and never closes them; see [`VhuBlk::close_exit_fds`].
+    leaked: Mutex<Vec<RawFd>>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     /// False while the memory table contains a region we must not touch (see `update_memory`).
@@ -97,11 +100,26 @@ impl VhuBlk {
                 opts,
                 queues,
                 exit: Mutex::new(exit),
+                leaked: Mutex::new(Vec::new()),
                 acked_features: AtomicU64::new(0),
                 event_idx: AtomicBool::new(false),
                 mem_ok: AtomicBool::new(true),
             }),
         })
+    }
+
+    /// Closes the exit-event fds vhost-user-backend 0.24 leaks (one per queue thread per
+    /// connection: a daemon serving many reconnects would run out of fds). Call only after the
+    /// `VhostUserDaemon` that used them is dropped: its threads are joined and its epoll fds
+    /// closed, so nothing refers to these fds any more. The dependency is pinned to that
+    /// version (Cargo.toml) and `tests/kill.rs` checks the fd count stays flat.
+    pub fn close_exit_fds(&self) {
+        for fd in lock(&self.inner.leaked).drain(..) {
+            // SAFETY: `fd` came from an EventConsumer we created and handed over; the library
+            // turned it into a raw fd that nothing owns once its epoll handler is gone (see
+            // above), so closing it cannot affect any other object.
+            unsafe { libc::close(fd) };
+        }
     }
 
     /// Requests in flight across all queues (waits for each queue's current kick to finish).
@@ -234,9 +252,11 @@ impl VhostUserBackend for VhuBlk {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        lock(&self.inner.exit)
+        let pair = lock(&self.inner.exit)
             .get_mut(thread_index)
-            .and_then(Option::take)
+            .and_then(Option::take)?;
+        lock(&self.inner.leaked).push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
