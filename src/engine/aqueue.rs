@@ -57,6 +57,8 @@ unsafe impl Send for Prepared {}
 /// What RMW planning needs from the queue while it waits for a gate.
 pub trait Submitter {
     fn in_flight_ops(&self) -> usize;
+    /// Bounce buffer bytes held by in-flight ops.
+    fn bounce_in_flight(&self) -> usize;
     /// Blocks until at least one in-flight op completed and processes it.
     fn wait_one(&mut self) -> io::Result<()>;
 }
@@ -94,6 +96,7 @@ struct State {
     free: Vec<usize>,
     done: Vec<Completion>,
     spare: Vec<AlignedBuf>,
+    bounce_bytes: usize,
 }
 
 pub struct AsyncQueue {
@@ -140,6 +143,7 @@ impl AsyncQueue {
                 free: Vec::new(),
                 done: Vec::new(),
                 spare: Vec::new(),
+                bounce_bytes: 0,
             },
             planner,
             sync_file,
@@ -230,6 +234,7 @@ impl Drop for AsyncQueue {
 
 impl State {
     fn alloc_slot(&mut self, tag: u64, p: Prepared) -> usize {
+        self.bounce_bytes += p.bounces.iter().map(|b| b.buf.len()).sum::<usize>();
         match self.free.pop() {
             Some(s) => {
                 self.slots[s] = Some((tag, p));
@@ -367,6 +372,7 @@ impl State {
             {
                 g.write_at(b.guest_off, &b.buf.as_slice()[b.buf_off..b.buf_off + b.len]);
             }
+            self.bounce_bytes = self.bounce_bytes.saturating_sub(b.buf.len());
             self.spare.push(b.buf);
         }
         self.done.push(Completion {
@@ -411,6 +417,10 @@ fn run_sync(file: &File, p: &Prepared) -> io::Result<u64> {
 impl Submitter for State {
     fn in_flight_ops(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    fn bounce_in_flight(&self) -> usize {
+        self.bounce_bytes
     }
 
     fn wait_one(&mut self) -> io::Result<()> {

@@ -22,6 +22,8 @@ use crate::image::Image;
 
 /// Bounce bytes a queue keeps cached for reuse.
 const POOL_BYTES: usize = 8 << 20;
+/// Bounce bytes a queue may have in flight (bounds memory a guest can make us allocate).
+pub const BOUNCE_BUDGET: usize = 64 << 20;
 
 /// O_DIRECT constraints of the open file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +284,26 @@ impl Planner {
         let m = self.shared.align.mem;
         let len = bufs.len();
         let end = offset + len;
+        let direct_ok = offset % a == 0
+            && len % a == 0
+            && bufs
+                .iovecs()
+                .iter()
+                .all(|v| (v.iov_base as u64) % m == 0 && (v.iov_len as u64) % a == 0);
+        if !direct_ok {
+            // Bounce memory is bounded per queue whatever the guest sends: wait for earlier
+            // bounces to complete, and refuse a single request larger than the budget.
+            let need = len as usize + 2 * a as usize;
+            if need > BOUNCE_BUDGET {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unaligned request of {len} bytes exceeds the bounce budget"),
+                ));
+            }
+            while sub.bounce_in_flight() + need > BOUNCE_BUDGET && sub.in_flight_ops() > 0 {
+                sub.wait_one()?;
+            }
+        }
         let kind = if write {
             IoKind::Write { fua }
         } else {
