@@ -284,12 +284,11 @@ impl Planner {
         let m = self.shared.align.mem;
         let len = bufs.len();
         let end = offset + len;
-        let direct_ok = offset % a == 0
-            && len % a == 0
-            && bufs
-                .iovecs()
-                .iter()
-                .all(|v| (v.iov_base as u64) % m == 0 && (v.iov_len as u64) % a == 0);
+        let direct_ok = offset.is_multiple_of(a)
+            && len.is_multiple_of(a)
+            && bufs.iovecs().iter().all(|v| {
+                (v.iov_base as u64).is_multiple_of(m) && (v.iov_len as u64).is_multiple_of(a)
+            });
         if !direct_ok {
             // Bounce memory is bounded per queue whatever the guest sends: wait for earlier
             // bounces to complete, and refuse a single request larger than the budget.
