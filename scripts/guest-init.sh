@@ -43,6 +43,27 @@ done </modules/order
 i=0 # the disk appears asynchronously after virtio_blk loads
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do usleep 100000 && i=$((i + 1)); done
 
+if [ "$MODE" = reconnect ]; then
+    # reconnect-test.sh: the host kills and restarts the backend at the marked points; each
+    # step reports what the guest saw. `timeout` turns a hang into a result.
+    echo "VUBLK-RC idle-ready"
+    sleep 12
+    timeout 60 dd if=/dev/vda of=/dev/null bs=4096 count=1024 iflag=direct 2>/dev/null
+    echo "VUBLK-RC idle-io rc=$?"
+    echo "VUBLK-RC busy-start"
+    timeout 90 fio --name=rc --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --size=64M --time_based --runtime=15 --verify=crc32c \
+        --do_verify=0 >/tmp/fio.log 2>&1
+    echo "VUBLK-RC busy-fio rc=$? $(grep -Eo 'err= *[0-9]+' /tmp/fio.log | head -1)"
+    timeout 90 fio --name=rc --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --size=64M --verify=crc32c --verify_only=1 >/tmp/fio2.log 2>&1
+    echo "VUBLK-RC busy-verify rc=$? $(grep -Eo 'verify: bad[^,]*|err= *[0-9]+' /tmp/fio2.log | head -1)"
+    timeout 60 dd if=/dev/vda of=/dev/null bs=4096 count=1024 iflag=direct 2>/dev/null
+    echo "VUBLK-RC after-io rc=$?"
+    echo "VUBLK-RC done"
+    poweroff -f
+fi
+
 if [ "$MODE" != test ]; then
     echo "vublk guest: /dev/vda is $(cat /sys/block/vda/size 2>/dev/null) sectors; fio and busybox here."
     echo "Exit the shell to power off (or Ctrl-A X to kill QEMU)."

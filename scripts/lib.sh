@@ -58,6 +58,6 @@ qemu_cmd() {
     # shellcheck disable=SC2034,SC2054 # qemu is the result; commas are QEMU's
     qemu=(qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 512M
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
-        -chardev "socket,id=c0,path=$sock" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
+        -chardev "socket,id=c0,path=$sock${CHARDEV_OPTS:-}" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
         -kernel "$cache/kernel/vmlinuz" -initrd "$initrd" -append "console=ttyS0 $append")
 }

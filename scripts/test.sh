@@ -35,6 +35,11 @@ for engine in sync direct; do
 done
 step "guest-test engine=direct on a 4096-byte-sector loop device"
 BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# Backend restarts under a guest with QEMU reconnect=1 (idle and during fio); docs/reconnect.md.
+for engine in sync direct; do
+    step "reconnect-test engine=$engine"
+    ENGINE=$engine VUBLK_BIN=target/release/vublk scripts/reconnect-test.sh
+done
 # A bounded fuzz run of the request path, so regressions show (the long run is manual:
 # see fuzz/README.md). cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets stable accept them.
 step "fuzz smoke (60 s)"
