@@ -28,7 +28,10 @@ start_backend() {
     vublk)
         bin=$(vublk_bin)
         read -ra extra <<<"${VUBLK_ARGS:-}"
-        "$bin" --socket-path "$sock" --blk-file "$img" --num-queues "$queues" \
+        # DEFAULT_QUEUES=1: no --num-queues, to show the defaults suit a stock QEMU.
+        local nq=(--num-queues "$queues")
+        [[ -z ${DEFAULT_QUEUES:-} ]] || nq=()
+        "$bin" --socket-path "$sock" --blk-file "$img" "${nq[@]}" \
             --engine "$ENGINE" "${extra[@]}" >"$log" 2>&1 &
         ;;
     qsd)
@@ -54,10 +57,12 @@ start_backend() {
 # qemu_cmd SOCKET QUEUES INITRD CMDLINE: fills the array qemu with a TCG q35 guest whose only
 # disk is the vhost-user-blk device. Guest RAM is a shared memfd so the backend can map it.
 qemu_cmd() {
-    local sock=$1 queues=$2 initrd=$3 append=$4
+    local sock=$1 queues=$2 initrd=$3 append=$4 dev="vhost-user-blk-pci,chardev=c0"
+    # DEFAULT_QUEUES=1: QEMU's default queue count (one per vCPU).
+    [[ -n ${DEFAULT_QUEUES:-} ]] || dev+=",num-queues=$queues"
     # shellcheck disable=SC2034,SC2054 # qemu is the result; commas are QEMU's
     qemu=(qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 512M
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
-        -chardev "socket,id=c0,path=$sock${CHARDEV_OPTS:-}" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
+        -chardev "socket,id=c0,path=$sock${CHARDEV_OPTS:-}" -device "$dev"
         -kernel "$cache/kernel/vmlinuz" -initrd "$initrd" -append "console=ttyS0 $append")
 }
