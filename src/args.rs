@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::engine::EngineKind;
 
@@ -12,10 +12,20 @@ use crate::engine::EngineKind;
     name = "vublk",
     version,
     about = "vhost-user-blk daemon: serves a disk image to QEMU, cloud-hypervisor or libblkio",
-    after_help = "Exactly one of --socket-path or --fd is required. \
-                  RUST_LOG overrides --log-level."
+    after_help = "The socket comes from --socket-path, --fd, or systemd socket activation \
+                  (LISTEN_FDS) when neither is given. RUST_LOG overrides --log-level.",
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+
+    /// Read settings from FILE ("key = value" lines; keys are these flags without "--").
+    /// Flags on the command line override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Listen on this UNIX socket path (a stale socket file is replaced; one held by a live
     /// process is refused).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
@@ -24,6 +34,28 @@ pub struct Args {
     /// Serve an already-bound, listening UNIX socket inherited as file descriptor N.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
+
+    /// Permissions of the --socket-path socket, in octal. Connecting needs write permission
+    /// [default: 0600, or 0660 with --socket-group].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+
+    /// Group (name or gid) of the --socket-path socket, e.g. the group QEMU runs in.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Write the daemon's pid to PATH once it listens; removed on exit. A pidfile held by a
+    /// running process is refused.
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Serve statistics on this UNIX socket (line-based JSON; `vublk stats PATH` reads it).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Log a one-line I/O summary every SECS seconds when there was I/O (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub stats_interval: u64,
 
     /// Disk image to serve: a raw image file or a block device.
     #[arg(long, value_name = "IMAGE")]
@@ -77,4 +109,18 @@ pub struct Args {
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// Subcommands (instead of serving a disk).
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Print a running daemon's I/O statistics from its --control-socket.
+    Stats {
+        /// The daemon's --control-socket path.
+        #[arg(value_name = "CONTROL_SOCKET")]
+        socket: PathBuf,
+        /// Print the raw JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -1,6 +1,7 @@
 //! Validated configuration: everything checkable without touching the image.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::args::Args;
 use crate::engine::EngineKind;
@@ -10,9 +11,14 @@ use crate::engine::EngineKind;
 pub enum Listen {
     /// Bind this path ourselves.
     Path(PathBuf),
-    /// An inherited listening socket (`--fd`, or systemd socket activation).
+    /// An inherited listening socket (`--fd`).
     Fd(i32),
+    /// The first socket passed by systemd socket activation (`LISTEN_FDS`).
+    Activated(i32),
 }
+
+/// Owner-only: nobody but the daemon's user (and root) may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -32,12 +38,19 @@ pub struct Config {
     pub poll_us: u32,
     /// CPUs for queue workers (empty: no pinning).
     pub cpus: Vec<usize>,
+    /// Mode and group given to a socket we bind (`Listen::Path`).
+    pub socket_mode: u32,
+    pub socket_gid: Option<u32>,
+    pub pidfile: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    /// Period of the log summary (`None`: off).
+    pub stats_interval: Option<Duration>,
 }
 
 /// A flag combination or value we refuse; printed as one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("one of --socket-path or --fd is required")]
+    #[error("one of --socket-path or --fd is required (or start vublk through socket activation)")]
     NoSocket,
     #[error("--blk-file is required")]
     NoImage,
@@ -59,12 +72,54 @@ pub enum ConfigError {
     CpuList(String),
     #[error("--poll-us {0} is more than 1000000 (one second)")]
     PollUs(u32),
+    #[error("--socket-mode {0:?}: expected octal permissions like 0600 or 0660")]
+    SocketMode(String),
+    #[error("--socket-group {0:?}: no such group")]
+    SocketGroup(String),
+    #[error(
+        "--socket-mode/--socket-group apply to --socket-path only; an inherited socket keeps \
+         the permissions its creator gave it (SocketMode=/SocketGroup= in a .socket unit)"
+    )]
+    SocketAccessWithoutPath,
+    #[error("{what} directory {dir} does not exist")]
+    NoDir { what: &'static str, dir: PathBuf },
+}
+
+/// The directory a file at `p` goes in must exist.
+fn parent_exists(p: &Path, what: &'static str) -> Result<(), ConfigError> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::NoDir { what, dir })
+    }
+}
+
+/// "0660", "660" or "0o660" → 0o660; only permission bits.
+pub fn parse_mode(s: &str) -> Option<u32> {
+    let t = s.trim();
+    let t = t.strip_prefix("0o").unwrap_or(t);
+    if t.is_empty() || t.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(t, 8).ok().filter(|m| *m <= 0o777)
 }
 
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
+        Config::new(a, 0)
+    }
+}
+
+impl Config {
+    /// Validates `a`; `activated_fds` is how many sockets systemd passed (see
+    /// [`crate::service::take_listen_fds`]), used when neither --socket-path nor --fd is given.
+    pub fn new(a: Args, activated_fds: u32) -> Result<Self, ConfigError> {
         let listen = match (a.socket_path, a.fd) {
             (Some(p), None) => {
                 let dir = match p.parent() {
@@ -78,8 +133,34 @@ impl TryFrom<Args> for Config {
             }
             (None, Some(fd)) if fd >= 3 => Listen::Fd(fd),
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+            (None, None) if activated_fds > 0 => {
+                Listen::Activated(crate::service::LISTEN_FDS_START)
+            }
             _ => return Err(ConfigError::NoSocket),
         };
+        if !matches!(listen, Listen::Path(_))
+            && (a.socket_mode.is_some() || a.socket_group.is_some())
+        {
+            return Err(ConfigError::SocketAccessWithoutPath);
+        }
+        let socket_gid = match &a.socket_group {
+            Some(g) => Some(
+                crate::service::lookup_group(g)
+                    .ok_or_else(|| ConfigError::SocketGroup(g.clone()))?,
+            ),
+            None => None,
+        };
+        let socket_mode = match &a.socket_mode {
+            Some(m) => parse_mode(m).ok_or_else(|| ConfigError::SocketMode(m.clone()))?,
+            None if socket_gid.is_some() => 0o660,
+            None => DEFAULT_SOCKET_MODE,
+        };
+        if let Some(p) = &a.pidfile {
+            parent_exists(p, "pidfile")?;
+        }
+        if let Some(p) = &a.control_socket {
+            parent_exists(p, "control socket")?;
+        }
         let image = a.blk_file.ok_or(ConfigError::NoImage)?;
         if !(1..=64).contains(&a.num_queues) {
             return Err(ConfigError::NumQueues(a.num_queues));
@@ -107,6 +188,11 @@ impl TryFrom<Args> for Config {
             None => Vec::new(),
         };
         Ok(Config {
+            socket_mode,
+            socket_gid,
+            pidfile: a.pidfile,
+            control_socket: a.control_socket,
+            stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
             poll_us: a.poll_us,
             cpus,
             listen,
@@ -267,6 +353,71 @@ mod tests {
             parse(&["--fd", "3", "--blk-file", "/i", "--poll-us", "2000000"]),
             Err(ConfigError::PollUs(2_000_000))
         );
+    }
+
+    #[test]
+    fn service_flags() {
+        let base = ["--socket-path", "/tmp/x.sock", "--blk-file", "/img"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        let c = with(&[]).unwrap();
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.socket_gid, None);
+        assert_eq!(c.stats_interval, Some(Duration::from_secs(60)));
+        assert_eq!(
+            with(&["--stats-interval", "0"]).unwrap().stats_interval,
+            None
+        );
+        let c = with(&["--socket-group", "root"]).unwrap();
+        assert_eq!((c.socket_mode, c.socket_gid), (0o660, Some(0)));
+        let c = with(&["--socket-mode", "0666", "--socket-group", "0"]).unwrap();
+        assert_eq!(c.socket_mode, 0o666);
+        assert_eq!(
+            with(&["--socket-mode", "999"]),
+            Err(ConfigError::SocketMode("999".into()))
+        );
+        assert_eq!(
+            with(&["--socket-mode", "4755"]),
+            Err(ConfigError::SocketMode("4755".into()))
+        );
+        assert_eq!(
+            with(&["--socket-group", "no-such-group-vublk"]),
+            Err(ConfigError::SocketGroup("no-such-group-vublk".into()))
+        );
+        assert_eq!(
+            parse(&["--fd", "3", "--blk-file", "/i", "--socket-mode", "0600"]),
+            Err(ConfigError::SocketAccessWithoutPath)
+        );
+        assert!(matches!(
+            with(&["--pidfile", "/nonexistent-dir/p"]),
+            Err(ConfigError::NoDir {
+                what: "pidfile",
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(&["--control-socket", "/nonexistent-dir/c"]),
+            Err(ConfigError::NoDir { .. })
+        ));
+        // The last value of a repeated flag wins (command line after config file).
+        let c = with(&["--num-queues", "2", "--num-queues", "3"]).unwrap();
+        assert_eq!(c.num_queues, 3);
+        assert_eq!(parse_mode("0o640"), Some(0o640));
+        assert_eq!(parse_mode(""), None);
+    }
+
+    #[test]
+    fn socket_activation() {
+        let a = Args::try_parse_from(["vublk", "--blk-file", "/i"]).unwrap();
+        assert_eq!(Config::new(a, 1).unwrap().listen, Listen::Activated(3));
+        let a = Args::try_parse_from(["vublk", "--blk-file", "/i"]).unwrap();
+        assert_eq!(Config::new(a, 0), Err(ConfigError::NoSocket));
+        // An explicit socket wins over an activation fd.
+        let a = Args::try_parse_from(["vublk", "--fd", "4", "--blk-file", "/i"]).unwrap();
+        assert_eq!(Config::new(a, 1).unwrap().listen, Listen::Fd(4));
     }
 
     #[test]

@@ -16,10 +16,13 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::blk::DeviceGeometry;
 use crate::config::{Config, Listen};
+use crate::control::ControlServer;
 use crate::engine::direct::{DirectEngine, DirectError, open_direct};
 use crate::engine::sync::SyncEngine;
 use crate::engine::{Engine, EngineKind};
 use crate::image::{Image, ImageError};
+use crate::service::{Pidfile, PidfileError, Stopper};
+use crate::stats::{DeviceInfo, DeviceStats};
 use crate::vhu_blk::{BackendError, QueueOpts, VhuBlk};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +39,22 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    #[error("--fd {fd}: {why}")]
-    BadFd { fd: RawFd, why: String },
+    #[error("{what} {fd}: {why}")]
+    BadFd {
+        what: &'static str,
+        fd: RawFd,
+        why: String,
+    },
+    #[error("cannot set the owner group/mode of socket {path}")]
+    SocketAccess {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Pidfile(#[from] PidfileError),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] io::Error),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -55,6 +72,8 @@ pub enum DaemonError {
 /// State shared with the signal thread.
 struct Control {
     stop: AtomicBool,
+    /// Wakes the background threads (watchdog, stats log).
+    background: Arc<Stopper>,
     listen_fd: RawFd,
     conn: Mutex<Option<ShutdownHandle>>,
 }
@@ -62,6 +81,7 @@ struct Control {
 impl Control {
     fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.background.stop();
         // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
         // SAFETY: plain syscall on an fd that lives as long as `run`, which outlives this use.
         unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
@@ -96,6 +116,34 @@ pub fn sd_notify(state: &str) {
 
 use std::os::unix::ffi::OsStrExt;
 
+/// Removes a socket file we created when dropped (every exit path after binding).
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds `path` (see [`bind_path`]) and gives it `mode` and group `gid`.
+pub(crate) fn bind_path_with_access(
+    path: &Path,
+    mode: u32,
+    gid: Option<libc::gid_t>,
+) -> Result<UnixListener, DaemonError> {
+    let l = crate::service::with_private_umask(|| bind_path(path))?;
+    if let Err(source) = crate::service::set_socket_access(path, mode, gid) {
+        let _ = std::fs::remove_file(path);
+        return Err(DaemonError::SocketAccess {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Ok(l)
+}
+
 /// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
 fn bind_path(path: &Path) -> Result<UnixListener, DaemonError> {
     let bind_err = |source| DaemonError::Bind {
@@ -123,8 +171,8 @@ fn bind_path(path: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 /// Takes over an inherited listening socket after checking it is one.
-fn adopt_fd(fd: RawFd) -> Result<UnixListener, DaemonError> {
-    let bad = |why: String| DaemonError::BadFd { fd, why };
+fn adopt_fd(fd: RawFd, what: &'static str) -> Result<UnixListener, DaemonError> {
+    let bad = |why: String| DaemonError::BadFd { what, fd, why };
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `val`, a live local.
@@ -285,21 +333,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         crate::lock::lock_image(&image.file, !cfg.read_only)
             .map_err(|e| DaemonError::Lock(image.path.clone(), e))?;
     }
+    // A pidfile another daemon holds fails us before we touch any socket.
+    let mut pidfile = cfg.pidfile.as_deref().map(Pidfile::claim).transpose()?;
     // Claim the socket before the engine logs anything: a second daemon on a live socket
     // should fail with its one-line error only.
-    let (listener, owned_path) = match &cfg.listen {
-        Listen::Path(p) => (bind_path(p)?, Some(p.clone())),
-        Listen::Fd(fd) => (adopt_fd(*fd)?, None),
+    let (listener, socket_file) = match &cfg.listen {
+        Listen::Path(p) => (
+            bind_path_with_access(p, cfg.socket_mode, cfg.socket_gid)?,
+            SocketFile(Some(p.clone())),
+        ),
+        Listen::Fd(fd) => (adopt_fd(*fd, "--fd")?, SocketFile(None)),
+        Listen::Activated(fd) => (adopt_fd(*fd, "socket activation fd")?, SocketFile(None)),
     };
-    let engine = match open_engine(&cfg, &image) {
-        Ok(e) => e,
-        Err(e) => {
-            if let Some(p) = &owned_path {
-                let _ = std::fs::remove_file(p);
-            }
-            return Err(e);
-        }
-    };
+    let engine = open_engine(&cfg, &image)?;
     let info = engine.info().clone();
     let geo = DeviceGeometry {
         size: info.size,
@@ -311,12 +357,42 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         discard: info.discard,
         write_zeroes: info.write_zeroes,
     };
+    let stats = Arc::new(DeviceStats::new(
+        usize::from(cfg.num_queues),
+        DeviceInfo {
+            image: std::fs::canonicalize(&image.path)
+                .unwrap_or_else(|_| image.path.clone())
+                .display()
+                .to_string(),
+            engine: engine.name().to_string(),
+            size: info.size,
+            read_only: info.read_only,
+        },
+    ));
+    let control = match &cfg.control_socket {
+        Some(p) => {
+            let l = bind_path_with_access(p, 0o600, None)?;
+            let srv = ControlServer::start(p.clone(), l, Arc::clone(&stats));
+            Some(srv.map_err(|e| DaemonError::Thread("control socket", e))?)
+        }
+        None => None,
+    };
     let ctl = Arc::new(Control {
         stop: AtomicBool::new(false),
+        background: Arc::new(Stopper::default()),
         listen_fd: listener.as_raw_fd(),
         conn: Mutex::new(None),
     });
     spawn_signal_thread(sigset, Arc::clone(&ctl))?;
+    if let Some(interval) = crate::service::watchdog_interval() {
+        crate::service::spawn_watchdog(interval, Arc::clone(&stats), Arc::clone(&ctl.background))
+            .map_err(|e| DaemonError::Thread("watchdog", e))?;
+    }
+    if let Some(interval) = cfg.stats_interval {
+        let bg = Arc::clone(&ctl.background);
+        crate::service::spawn_stats_logger(interval, Arc::clone(&stats), bg)
+            .map_err(|e| DaemonError::Thread("stats log", e))?;
+    }
     let mut listener = Listener::from(listener);
 
     info!(
@@ -329,22 +405,28 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         if info.discard { "on" } else { "off" },
         String::from_utf8_lossy(&cfg.serial),
         match &cfg.listen {
-            Listen::Path(p) => p.display().to_string(),
+            Listen::Path(p) => format!("{} (mode {:04o})", p.display(), cfg.socket_mode),
             Listen::Fd(fd) => format!("fd {fd}"),
+            Listen::Activated(fd) => format!("socket-activated fd {fd}"),
         }
     );
+    if let Some(p) = pidfile.as_mut() {
+        p.write_pid()?;
+    }
     sd_notify("READY=1\nSTATUS=waiting for a frontend");
 
     let opts = QueueOpts {
         poll: std::time::Duration::from_micros(u64::from(cfg.poll_us)),
         cpus: cfg.cpus.clone(),
+        stats: Arc::clone(&stats),
     };
     let result = serve_loop(&ctl, &mut listener, &*engine, &geo, &cfg.serial, &opts);
     sd_notify("STOPPING=1");
+    ctl.background.stop();
     let synced = engine.sync_all().map_err(DaemonError::FinalSync);
-    if let Some(p) = owned_path {
-        let _ = std::fs::remove_file(&p);
-    }
+    drop(control);
+    drop(socket_file);
+    drop(pidfile);
     result.and(synced)
 }
 
@@ -375,6 +457,7 @@ fn serve_loop(
             return Err(DaemonError::VhostUser(format!("accept failed: {e}")));
         }
         conn_no += 1;
+        opts.stats.set_connected(true);
         info!("frontend #{conn_no} connected");
         sd_notify(&format!(
             "STATUS=serving frontend #{conn_no}, {} queues",
@@ -395,6 +478,7 @@ fn serve_loop(
         // processing, so every request it took from the ring is completed first.
         drop(daemon);
         backend.close_exit_fds();
+        opts.stats.set_connected(false);
         if let Err(e) = engine.sync_all() {
             error!("fdatasync after disconnect failed: {e}");
         }

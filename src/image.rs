@@ -44,6 +44,11 @@ pub enum ImageError {
     },
     #[error("image {0} is empty")]
     Empty(PathBuf),
+    #[error(
+        "image {0} is on a read-only filesystem (use --read-only; under systemd's \
+         ProtectSystem=strict, list its directory in ReadWritePaths=)"
+    )]
+    ReadOnlyFs(PathBuf),
 }
 
 /// An opened image and what we learned about it.
@@ -89,6 +94,7 @@ impl Image {
                 io::ErrorKind::PermissionDenied => {
                     ImageError::Permission(p(), if read_only { "read" } else { "read-write" })
                 }
+                io::ErrorKind::ReadOnlyFilesystem => ImageError::ReadOnlyFs(p()),
                 _ => ImageError::Open {
                     path: p(),
                     source: e,

@@ -2,24 +2,30 @@
 //!
 //! Map of the crate, from the wire inwards:
 //! - [`daemon`]: listener (path or inherited fd), serve-again loop, signals, sd_notify.
+//! - [`service`]: socket activation, watchdog, pidfile, socket permissions.
+//! - [`control`] / [`stats`]: per-queue counters and the control socket that serves them.
 //! - [`vhu_blk`]: the `VhostUserBackend` glue; per-connection state, one thread per queue.
 //! - [`worker`]: per-queue processing: pop chains, parse, submit, complete, notify.
 //! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
 //! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock).
 //! - [`image`]: opening the image, sizing it, probing discard / zero-range support.
 //! - [`lock`]: QEMU-compatible OFD image locks (one writer, or shared readers).
-//! - [`args`] / [`config`]: the command line and its validation.
+//! - [`args`] / [`config`] / [`conffile`]: the command line, its validation, `--config` files.
 
 // Guest input and start-up I/O must never panic the daemon.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod args;
 pub mod blk;
+pub mod conffile;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod image;
 pub mod lock;
+pub mod service;
+pub mod stats;
 pub mod vhu_blk;
 pub mod worker;
 

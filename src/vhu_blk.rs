@@ -21,6 +21,7 @@ use crate::blk::iov::GuestMem;
 use crate::blk::request::ID_LEN;
 use crate::blk::{BlkConfig, DeviceGeometry};
 use crate::engine::Engine;
+use crate::stats::DeviceStats;
 use crate::worker::{DeviceCtx, KickCtx, QueueWorker, Vring};
 
 /// Backend state for one frontend connection; a new one is built for every connection so
@@ -37,6 +38,8 @@ pub struct QueueOpts {
     pub poll: std::time::Duration,
     /// CPUs to pin queue workers to (empty: no pinning).
     pub cpus: Vec<usize>,
+    /// Daemon-wide counters; each queue's worker takes its queue's writer.
+    pub stats: Arc<DeviceStats>,
 }
 
 struct Inner {
@@ -85,7 +88,7 @@ impl VhuBlk {
             let q = engine
                 .new_queue()
                 .map_err(|e| BackendError::EngineQueue(i, e))?;
-            queues.push(Mutex::new(QueueWorker::new(i, q)));
+            queues.push(Mutex::new(QueueWorker::new(i, q, opts.stats.counters(i))));
             let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
                 .map_err(BackendError::ExitEvent)?;
             exit.push(Some(pair));

@@ -15,6 +15,7 @@ use crate::blk::iov::GuestMem;
 use crate::blk::request::{Command, ID_LEN, Request, used_len};
 use crate::blk::{BlkConfig, Status, parse_request};
 use crate::engine::{Completion, EngineQueue, Op};
+use crate::stats::{QueueCounters, ReqKind};
 
 /// Requests processed back to back before a worker lets others on its CPU run.
 const YIELD_EVERY: usize = 64;
@@ -55,6 +56,8 @@ struct Pending {
     head: u16,
     status: Option<GuestAddress>,
     in_len: u32,
+    /// Engine requests: what to count on completion, and when the request was taken.
+    io: Option<(ReqKind, u64, Instant)>,
 }
 
 pub struct QueueWorker {
@@ -70,6 +73,7 @@ pub struct QueueWorker {
     free: Vec<usize>,
     done: Vec<Completion>,
     errors: u64,
+    stats: QueueCounters,
 }
 
 /// Per-kick flags decided by the glue.
@@ -81,7 +85,7 @@ pub struct KickCtx {
 }
 
 impl QueueWorker {
-    pub fn new(index: usize, engine: Box<dyn EngineQueue>) -> Self {
+    pub fn new(index: usize, engine: Box<dyn EngineQueue>, stats: QueueCounters) -> Self {
         QueueWorker {
             index,
             vring: None,
@@ -91,6 +95,7 @@ impl QueueWorker {
             free: Vec::new(),
             done: Vec::new(),
             errors: 0,
+            stats,
         }
     }
 
@@ -279,19 +284,22 @@ impl QueueWorker {
             in_len,
             command,
         } = req;
-        let pending = Pending {
+        let mut pending = Pending {
             head,
             status,
             in_len,
+            io: None,
         };
         match command {
             Err(e) => {
                 debug!("queue {}: request {head} refused: {e}", self.index);
+                self.stats.invalid();
                 self.finish(mem, state, pending, e.status())?;
                 *used = true;
             }
             Ok(Command::GetId(mut bufs)) => {
                 bufs.copy_from(&dev.serial);
+                self.stats.get_id();
                 self.finish(mem, state, pending, Status::Ok)?;
                 *used = true;
             }
@@ -299,6 +307,9 @@ impl QueueWorker {
                 if let Op::Write { fua, .. } = &mut op {
                     *fua = k.write_through;
                 }
+                let (kind, bytes) = op.stat_kind();
+                pending.io = Some((kind, bytes, Instant::now()));
+                self.stats.submitted();
                 let tag = match self.free.pop() {
                     Some(t) => {
                         self.slots[t] = Some(pending);
@@ -324,6 +335,7 @@ impl QueueWorker {
     ) -> Result<(), WorkerError> {
         self.engine.reap(&mut self.done);
         let mut done = std::mem::take(&mut self.done);
+        let now = (!done.is_empty()).then(Instant::now);
         for c in done.drain(..) {
             let Some(pending) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
                 warn!(
@@ -333,6 +345,10 @@ impl QueueWorker {
                 continue;
             };
             self.free.push(c.tag as usize);
+            if let (Some((kind, bytes, start)), Some(now)) = (pending.io, now) {
+                let latency = now.saturating_duration_since(start);
+                self.stats.completed(kind, bytes, c.result.is_ok(), latency);
+            }
             let status = match c.result {
                 Ok(_) => Status::Ok,
                 Err(e) => {
