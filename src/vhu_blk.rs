@@ -11,7 +11,7 @@ use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -154,29 +154,6 @@ impl VhuBlk {
     }
 }
 
-/// Checks that every mapped region is backed by its file: mmap accepts a mapping past the end
-/// of a memfd, and touching it would SIGBUS the whole daemon.
-fn check_regions(mem: &GuestMem) -> Result<(), String> {
-    for r in mem.iter() {
-        let Some(fo) = r.file_offset() else { continue };
-        let meta = fo
-            .file()
-            .metadata()
-            .map_err(|e| format!("cannot stat region fd {}: {e}", fo.file().as_raw_fd()))?;
-        let end = fo.start().checked_add(r.len());
-        if end.is_none_or(|end| end > meta.len()) {
-            return Err(format!(
-                "memory region at {:#x} maps {} bytes at offset {} of a {}-byte file",
-                r.start_addr().0,
-                r.len(),
-                fo.start(),
-                meta.len()
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl VhostUserBackend for VhuBlk {
     type Bitmap = ();
     type Vring = Vring;
@@ -236,7 +213,7 @@ impl VhostUserBackend for VhuBlk {
         // The handler has already published the new table to the rings; refuse to process
         // requests until a table without bad regions arrives.
         let snapshot = mem.memory();
-        match check_regions(&snapshot) {
+        match crate::blk::iov::check_regions(&snapshot) {
             Ok(()) => {
                 self.inner.mem_ok.store(true, Ordering::Release);
                 Ok(())

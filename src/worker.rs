@@ -74,6 +74,14 @@ pub struct QueueWorker {
     done: Vec<Completion>,
     errors: u64,
     stats: QueueCounters,
+    /// The last memory table checked with `check_regions` (kept alive so its address cannot
+    /// be reused by a different, unchecked table).
+    checked_table: Option<Arc<GuestMem>>,
+    /// Ring addresses/size checked against the current table (`None`: not yet).
+    ring_ok: Option<bool>,
+    /// The driver broke the ring during this kick (e.g. avail->idx ran more than the ring size
+    /// ahead): stop looping and polling on it until the next kick.
+    broken: bool,
 }
 
 /// Per-kick flags decided by the glue.
@@ -96,12 +104,60 @@ impl QueueWorker {
             done: Vec::new(),
             errors: 0,
             stats,
+            checked_table: None,
+            ring_ok: None,
+            broken: false,
         }
     }
 
     /// Requests submitted to the engine and not completed yet.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Never touch a memory table whose regions run past their files (SIGBUS): the library
+    /// publishes a new table before our `update_memory` hook sees it, so each worker checks a
+    /// table itself the first time it uses it.
+    fn table_ok(&mut self, mem: &Arc<GuestMem>) -> bool {
+        if self
+            .checked_table
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, mem))
+        {
+            return true;
+        }
+        match crate::blk::iov::check_regions(mem) {
+            Ok(()) => {
+                self.checked_table = Some(Arc::clone(mem));
+                self.ring_ok = None;
+                true
+            }
+            Err(msg) => {
+                warn!(
+                    "queue {}: not using the new memory table: {msg}",
+                    self.index
+                );
+                false
+            }
+        }
+    }
+
+    /// The ring must have been given addresses, a valid size, and lie inside guest memory;
+    /// otherwise even the notification fields we write could land anywhere in the guest.
+    fn ring_usable(&mut self, q: &virtio_queue::Queue, mem: &GuestMem) -> bool {
+        if let Some(ok) = self.ring_ok {
+            return ok;
+        }
+        let unset = q.desc_table() == 0 && q.avail_ring() == 0 && q.used_ring() == 0;
+        let ok = !unset && q.is_valid(mem);
+        if !ok {
+            warn!(
+                "queue {}: ring not usable (addresses unset, or ring outside guest memory); not serving it",
+                self.index
+            );
+        }
+        self.ring_ok = Some(ok);
+        ok
     }
 
     /// Busy-polls the avail ring and engine completions for `window`, processing whatever
@@ -116,6 +172,9 @@ impl QueueWorker {
     ) -> Result<(), WorkerError> {
         let mut deadline = Instant::now() + window;
         loop {
+            if self.broken || self.ring_ok == Some(false) {
+                return Ok(());
+            }
             let pending = {
                 let mem = dev.mem.memory();
                 let state = vring.get_ref();
@@ -178,22 +237,45 @@ impl QueueWorker {
             self.vring = Some(vring.clone());
         }
         let mut mem: Arc<GuestMem> = dev.mem.memory().into_inner();
+        if !self.table_ok(&mem) {
+            return Ok(());
+        }
         let mut state = vring.get_mut();
         let mut used = false;
-        self.complete(&mem, &mut state, &mut used)?;
-        if !state.get_queue().ready() {
-            return self.notify(&mut state, used);
+        // A broken avail index is re-judged on each kick: the driver may repair it.
+        self.broken = false;
+        if !state.get_queue().ready() || !self.ring_usable(state.get_queue(), &mem) {
+            // Not serving this ring; finished I/O still completes if the ring is sound.
+            if self.ring_ok == Some(true) {
+                self.complete(&mem, &mut state, &mut used)?;
+                return self.notify(&mut state, used);
+            }
+            return Ok(());
         }
+        self.complete(&mem, &mut state, &mut used)?;
         // A guest cannot make us hold more requests than its ring has slots, even by reusing
         // heads: past this we stop popping until completions free slots.
         let cap = usize::from(state.get_queue().size());
         let mut batch = 0usize;
-        loop {
+        'ring: loop {
             if k.event_idx {
                 state.disable_notification().map_err(WorkerError::Queue)?;
             }
             while self.in_flight() < cap {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                let chain = match state.get_queue_mut().iter(mem.clone()) {
+                    Ok(mut avail) => avail.next(),
+                    Err(e) => {
+                        // e.g. avail->idx more than a ring ahead: nothing sane to pop, and
+                        // retrying would spin forever.
+                        warn!(
+                            "queue {}: driver broke the ring ({e}); not serving it",
+                            self.index
+                        );
+                        self.broken = true;
+                        break 'ring;
+                    }
+                };
+                let Some(chain) = chain else {
                     break;
                 };
                 // The frontend may have added a memory region (libblkio does, while rings run)
@@ -203,6 +285,9 @@ impl QueueWorker {
                 if !std::ptr::eq(&*cur, &*mem) {
                     state.get_queue_mut().go_to_previous_position();
                     mem = cur.into_inner();
+                    if !self.table_ok(&mem) {
+                        break 'ring;
+                    }
                     continue;
                 }
                 let req = parse_request(chain, &mem, dev.config.geometry());
@@ -250,6 +335,9 @@ impl QueueWorker {
     /// Completes every in-flight request (ring stop): the frontend then gets a consistent
     /// avail index with nothing outstanding.
     pub fn drain(&mut self, dev: &DeviceCtx) {
+        // The frontend stops the ring before reconfiguring it: judge the new setup afresh.
+        self.broken = false;
+        self.ring_ok = None;
         let Some(vring) = self.vring.clone() else {
             return;
         };

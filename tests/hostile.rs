@@ -385,7 +385,6 @@ fn broken_chains_are_answered() {
 /// table, arranged so that the part before the break looks like a complete, valid read. The
 /// device cannot know where such a chain ends, so the right answer is IOERR.
 #[test]
-#[ignore = "known: a chain cut short (loop, link >= queue size, nested/misaligned indirect) is executed as if complete and gets OK"]
 fn truncated_chains_get_ioerr() {
     let env = Env::new("truncated", &[]);
     let mut g = env.guest();
@@ -576,13 +575,11 @@ fn avail_idx_jump_without_event_idx() {
 }
 
 #[test]
-#[ignore = "known: with EVENT_IDX the worker spins on a bad avail idx (process() re-loops while enable_notification() sees idx != next_avail)"]
 fn avail_idx_jump_with_event_idx() {
     avail_idx_jump("avail-jump-ei", &[], true);
 }
 
 #[test]
-#[ignore = "known: with --poll-us the worker spins on a bad avail idx (poll() restarts its window while avail idx != next_avail)"]
 fn avail_idx_jump_with_polling() {
     avail_idx_jump("avail-jump-poll", &["--poll-us", "50"], false);
 }
@@ -627,7 +624,6 @@ fn kick_on_a_disabled_ring() {
 /// memory starts at address 0 here, as a VM's does, so writes at the ring's default addresses
 /// would land in it.
 #[test]
-#[ignore = "known: with EVENT_IDX a kick on an enabled ring without addresses spins and writes avail_event at guest address 0x2004 (virtio-queue's default used ring 0)"]
 fn kick_on_a_ring_that_was_never_set_up() {
     let env = Env::new("unconfigured", &[]);
     let mut g = env.guest_with(Opts {

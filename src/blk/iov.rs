@@ -2,10 +2,35 @@
 
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use std::os::fd::AsRawFd;
+
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, Permissions};
 
 /// Guest memory as the vhost-user glue maps it (no dirty-page bitmap: we do not migrate).
 pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Checks that every mapped region is backed by its file: mmap accepts a mapping past the end
+/// of a memfd, and touching it would SIGBUS the whole daemon.
+pub fn check_regions(mem: &GuestMem) -> Result<(), String> {
+    for r in vm_memory::GuestMemoryBackend::iter(mem) {
+        let Some(fo) = r.file_offset() else { continue };
+        let meta = fo
+            .file()
+            .metadata()
+            .map_err(|e| format!("cannot stat region fd {}: {e}", fo.file().as_raw_fd()))?;
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(format!(
+                "memory region at {:#x} maps {} bytes at offset {} of a {}-byte file",
+                r.start_addr().0,
+                r.len(),
+                fo.start(),
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Failure to turn a guest (address, length) into host memory.
 #[derive(Debug, thiserror::Error)]

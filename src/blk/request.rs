@@ -60,6 +60,8 @@ pub enum RequestError {
     HeaderTooShort(u64),
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
+    #[error("descriptor chain is cut short (loop, bad link or bad indirect table)")]
+    TruncatedChain,
     #[error("request type {0} not supported")]
     Unsupported(u32),
     #[error("{len} bytes at sector {sector} is outside the {capacity}-byte device")]
@@ -173,7 +175,9 @@ where
     let mut status_wraps = false;
     // virtio-queue's iterator follows NEXT and INDIRECT links with a loop bound of the queue
     // size and stops at the first descriptor it cannot read.
+    let mut last_has_next = false;
     for desc in chain {
+        last_has_next = desc.has_next();
         let (addr, len) = (desc.addr(), desc.len());
         // A buffer ending past 2^64 would overflow address arithmetic inside vm-memory.
         let wrapping = addr.0.checked_add(u64::from(len)).is_none();
@@ -218,6 +222,9 @@ where
     writable.retain(|&(_, l)| l > 0);
     req.command = match wraps {
         Some(e) => Err(RequestError::BadMemory(e)),
+        // The walk stopped at a descriptor that still links on (a loop, a bad index, a bad
+        // indirect table): the chain is not what the driver meant, do not execute it.
+        None if last_has_next => Err(RequestError::TruncatedChain),
         None => parse_command(&mut req.in_len, readable, writable, misordered, mem, geo),
     };
     req

@@ -111,7 +111,6 @@ fn ring_addresses_outside_memory() {
 /// Rings that start inside guest memory and run past its end must not be used: the daemon
 /// refuses the addresses (or the ring start), or at least never touches such a ring.
 #[test]
-#[ignore = "known: rings running past the end of guest memory are accepted and used (vhost-user-backend checks only the start address)"]
 fn ring_straddling_the_end_of_memory() {
     let env = Env::new("ring-straddle", &[]);
     let mut f = Findings::default();
@@ -279,7 +278,6 @@ fn memory_region_beyond_its_fd() {
 /// As above, but the region arrives while the worker is in the middle of a long batch whose
 /// later requests have their header and status in that region.
 #[test]
-#[ignore = "known: SIGBUS — a worker mid-batch switches to the new memory table without checking mem_ok (worker.rs process()), so a region past its memfd's end is touched"]
 fn memory_region_beyond_its_fd_added_while_the_queue_is_busy() {
     let env = Env::new("region-fd-busy", &["--engine", "sync"]);
     let bad = GuestMem::new(64 << 10, 0, 1 << 20, 0x4000_0000);
