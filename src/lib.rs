@@ -5,6 +5,7 @@
 //! - [`service`]: socket activation, watchdog, pidfile, socket permissions.
 //! - [`control`] / [`stats`]: per-queue counters and the control socket that serves them.
 //! - [`vhu_blk`]: the `VhostUserBackend` glue; per-connection state, one thread per queue.
+//! - [`vring`]: the library's vring plus a record of ring sizes virtio-queue refused.
 //! - [`worker`]: per-queue processing: pop chains, parse, submit, complete, notify.
 //! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
 //! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock).
@@ -27,6 +28,7 @@ pub mod lock;
 pub mod service;
 pub mod stats;
 pub mod vhu_blk;
+pub mod vring;
 pub mod worker;
 
 /// "outer: inner: root cause" on one line, for operator-facing messages.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
@@ -32,7 +32,7 @@ fn notify_every() -> usize {
 }
 
 /// The vring type used by the glue.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
+pub type Vring = crate::vring::GuardedVring<GuestMemoryAtomic<GuestMem>>;
 
 /// Errors that stop processing of one kick (never guest-triggerable panics).
 #[derive(Debug, thiserror::Error)]
@@ -144,15 +144,16 @@ impl QueueWorker {
 
     /// The ring must have been given addresses, a valid size, and lie inside guest memory;
     /// otherwise even the notification fields we write could land anywhere in the guest.
-    fn ring_usable(&mut self, q: &virtio_queue::Queue, mem: &GuestMem) -> bool {
+    fn ring_usable(&mut self, q: &virtio_queue::Queue, mem: &GuestMem, bad_size: bool) -> bool {
         if let Some(ok) = self.ring_ok {
             return ok;
         }
         let unset = q.desc_table() == 0 && q.avail_ring() == 0 && q.used_ring() == 0;
-        let ok = !unset && q.is_valid(mem);
+        let ok = !unset && !bad_size && q.is_valid(mem);
         if !ok {
             warn!(
-                "queue {}: ring not usable (addresses unset, or ring outside guest memory); not serving it",
+                "queue {}: ring not usable (size not a power of two, addresses unset, or ring \
+                 outside guest memory); not serving it",
                 self.index
             );
         }
@@ -244,7 +245,9 @@ impl QueueWorker {
         let mut used = false;
         // A broken avail index is re-judged on each kick: the driver may repair it.
         self.broken = false;
-        if !state.get_queue().ready() || !self.ring_usable(state.get_queue(), &mem) {
+        if !state.get_queue().ready()
+            || !self.ring_usable(state.get_queue(), &mem, vring.bad_size())
+        {
             // Not serving this ring; finished I/O still completes if the ring is sound.
             if self.ring_ok == Some(true) {
                 self.complete(&mem, &mut state, &mut used)?;
