@@ -15,6 +15,9 @@ step cargo fmt --check
 cargo fmt --check
 step cargo clippy
 cargo clippy --all-targets -- -D warnings
+step "systemd-analyze verify systemd/*"
+cargo build
+scripts/verify-units.sh target/debug/vublk
 step cargo test
 cargo test
 # The libblkio integration tests again per engine (the default, auto, picks direct on /tmp):
@@ -22,7 +25,7 @@ cargo test
 step "cargo test: integration tests, engine=sync"
 VUBLK_TEST_ARGS="--engine sync" cargo test --test blkio_io --test lifecycle
 step "cargo test: EIO fault injection (test-only engine wrapper)"
-cargo test --features fault-injection --test faults_eio
+cargo test --features fault-injection --test faults_eio --test stats
 step "cargo test: integration tests, engine=direct without io_uring"
 VUBLK_DISABLE_IO_URING=1 VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
 step cargo build --release

@@ -421,6 +421,27 @@ mod tests {
     }
 
     #[test]
+    fn backend_descriptor_matches_the_binary() {
+        // The vhost-user spec's backend descriptor (installed in /usr/share/qemu/vhost-user/)
+        // and --print-capabilities must agree, and name the binary the systemd unit runs.
+        let desc: serde_json::Value =
+            serde_json::from_str(include_str!("../share/qemu/vhost-user/50-vublk.json")).unwrap();
+        assert_eq!(desc["type"], "block");
+        assert!(desc["description"].as_str().is_some_and(|d| !d.is_empty()));
+        let binary = desc["binary"].as_str().unwrap();
+        assert!(
+            include_str!("../systemd/vublk@.service").contains(&format!("ExecStart={binary} ")),
+            "the unit runs another binary than {binary}"
+        );
+        let caps: serde_json::Value = serde_json::from_str(capabilities_json()).unwrap();
+        assert_eq!(caps["type"], "block");
+        assert_eq!(
+            caps["features"],
+            serde_json::json!(["read-only", "blk-file"])
+        );
+    }
+
+    #[test]
     fn both_socket_kinds_conflict() {
         let r = Args::try_parse_from([
             "vublk",

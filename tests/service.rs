@@ -12,19 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
-use proc::{Proc, ProcSpec, os, wait_for_path};
-
-const SOCKET_ACTIVATE: &str = "systemd-socket-activate";
-
-fn activator() -> String {
-    for dir in ["/usr/bin", "/bin", "/usr/local/bin"] {
-        let p = format!("{dir}/{SOCKET_ACTIVATE}");
-        if std::path::Path::new(&p).exists() {
-            return p;
-        }
-    }
-    panic!("{SOCKET_ACTIVATE} not found: install the systemd package (scripts/install-deps.sh)");
-}
+use proc::{Proc, ProcSpec, SOCKET_ACTIVATE, activator, os, wait_for_path};
 
 fn read_pid(p: &std::path::Path) -> i32 {
     let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("pidfile {}: {e}", p.display()));

@@ -257,3 +257,20 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+pub const SOCKET_ACTIVATE: &str = "systemd-socket-activate";
+
+/// A tool the suite needs from a Debian package (scripts/install-deps.sh installs them).
+pub fn tool(name: &str, package: &str) -> String {
+    for dir in ["/usr/bin", "/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = format!("{dir}/{name}");
+        if Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!("{name} not found: install the {package} package (scripts/install-deps.sh)");
+}
+
+pub fn activator() -> String {
+    tool(SOCKET_ACTIVATE, "systemd")
+}
