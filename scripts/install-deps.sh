@@ -13,8 +13,10 @@ sudo=()
 # qemu-system-x86 pulls in qemu-system-common, which ships qemu-storage-daemon (BACKEND=qsd).
 # xz-utils/zstd: newer Debian kernels compress modules and busybox insmod can't read them.
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate (activation tests);
-# strace: the unit's system call filter test; util-linux: unshare (scripts/verify-units.sh).
-pkgs=(qemu-system-x86 busybox-static cpio fio diffutils xz-utils zstd systemd strace util-linux)
+# systemd-container: systemd-nspawn (scripts/systemd-e2e.sh); strace: the unit's system call
+# filter test; util-linux: unshare, nsenter, setpriv.
+pkgs=(qemu-system-x86 busybox-static cpio fio diffutils xz-utils zstd systemd systemd-container
+    strace util-linux)
 updated=
 apt_update() { [[ -n $updated ]] || { "${sudo[@]}" apt-get update -q; updated=1; }; }
 

@@ -30,6 +30,9 @@ step "cargo test: integration tests, engine=direct without io_uring"
 VUBLK_DISABLE_IO_URING=1 VUBLK_TEST_ARGS="--engine direct" cargo test --test blkio_io --test lifecycle
 step cargo build --release
 cargo build --release
+# The shipped units under a real systemd (in a container): activation, sandbox, io_uring.
+step "systemd-e2e: vublk@.socket/.service under systemd"
+VUBLK_BIN=target/release/vublk scripts/systemd-e2e.sh
 # The real guest against each engine, and the direct engine on a 4 KiB-sector device under a
 # 512-byte-sector guest (read-modify-write).
 # The sync run uses vublk's and QEMU's default queue counts (QEMU: one per vCPU), to show a
