@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by guest-test.sh and run-vm.sh: starting a vhost-user-blk backend and the QEMU command.
+# Shared by guest-test.sh, run-qemu.sh and run-cloud-hypervisor.sh: starting a vhost-user-blk backend and the QEMU command.
 # Environment:
 #   BACKEND=vublk|qsd   vublk (default) or qemu-storage-daemon, which speaks the same protocol
 #   VUBLK_BIN=PATH      vublk binary (default target/release/vublk, else target/debug/vublk)
