@@ -104,6 +104,24 @@ fn traced(log: &str) -> BTreeSet<String> {
     set
 }
 
+/// Whether the strace writing `log` still runs (strace -D is not our child: look it up).
+fn tracer_alive(log: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let needle = log.as_os_str().as_bytes();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| c.windows(needle.len()).any(|w| w == needle))
+}
+
 /// Drives every request type on two queues at once, then reconnects.
 fn workload(sock: &std::path::Path, ctl: &std::path::Path) {
     let mut c = Client::connect(sock);
@@ -213,6 +231,7 @@ fn unit_syscall_filter_allows_every_call() {
         wrapper.extend(os(&[&strace, &"-D", &"-f", &"-qq", &"-o", &log]));
         let mut spec = ProcSpec::new(&dir, "scf", args);
         spec.wrapper = wrapper;
+        let t0 = Instant::now();
         let mut p = Proc::spawn(spec);
         assert!(wait_for_path(&sock, Duration::from_secs(10)), "no socket");
         let (s2, c2) = (sock.clone(), ctl.clone());
@@ -223,17 +242,20 @@ fn unit_syscall_filter_allows_every_call() {
         );
         p.wait_for_line("READY=1", READY_TIMEOUT);
         std::thread::sleep(Duration::from_millis(1300)); // a stats line and watchdog pings
+        eprintln!("{name}: {:?} until the workload finished", t0.elapsed());
         p.terminate();
-        // strace writes each line as the call is made; exit_group is the daemon's last.
+        // strace writes each line as the call is made; exit_group is the daemon's last, and
+        // the trace is complete at the latest when strace itself has gone.
         let deadline = Instant::now() + Duration::from_secs(10);
         let last = format!("{} exit_group(", p.pid());
         let text = loop {
             let t = std::fs::read_to_string(&log).unwrap_or_default();
-            if t.contains(&last) || Instant::now() > deadline {
-                break t;
+            if t.contains(&last) || !tracer_alive(&log) || Instant::now() > deadline {
+                break std::fs::read_to_string(&log).unwrap_or_default();
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        eprintln!("{name}: {:?} until the trace was complete", t0.elapsed());
         let used = traced(&text);
         assert!(
             used.contains("fdatasync") && used.contains("accept4"),
