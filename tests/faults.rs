@@ -57,7 +57,8 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // Lazy: a daemon that is still exiting must not keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         if let Some(d) = &self.loop_dev {
             let _ = Command::new("losetup").arg("-d").arg(d).status();
         }
