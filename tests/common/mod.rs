@@ -288,6 +288,17 @@ fn notify_reader(sock: UnixDatagram, n: Arc<Notify>, stop_after_ready: bool) {
     }
 }
 
+/// Binds `DIR/NAME.notify`, a datagram socket playing systemd's NOTIFY_SOCKET, whose reads
+/// time out after `timeout` so readers can poll.
+pub fn bind_notify(dir: &TestDir, name: &str, timeout: Duration) -> (PathBuf, UnixDatagram) {
+    let path = dir.join(&format!("{name}.notify"));
+    let _ = fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path)
+        .unwrap_or_else(|e| panic!("bind notify socket {}: {e}", path.display()));
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    (path, sock)
+}
+
 /// How to spawn a daemon; see [`Daemon::spawn`].
 pub struct Spawn<'a> {
     pub dir: &'a TestDir,
@@ -411,13 +422,7 @@ impl Daemon {
 
     /// Spawns the daemon without waiting for anything (`VUBLK_TEST_ARGS` is not applied).
     pub fn spawn(s: Spawn<'_>) -> Daemon {
-        let notify_path = s.dir.join(&format!("{}.notify", s.name));
-        let _ = fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path)
-            .unwrap_or_else(|e| panic!("bind notify socket {}: {e}", notify_path.display()));
-        notify
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let (notify_path, notify) = bind_notify(s.dir, s.name, Duration::from_millis(50));
         let notify_shared = Arc::new(Notify {
             state: Mutex::new(NotifyState::default()),
             cvar: Condvar::new(),

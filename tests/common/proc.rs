@@ -50,13 +50,8 @@ impl<'a> ProcSpec<'a> {
 
 impl Proc {
     pub fn spawn(s: ProcSpec<'_>) -> Proc {
-        let notify_path = s.dir.join(&format!("{}.notify", s.name));
-        let _ = fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path)
-            .unwrap_or_else(|e| panic!("bind {}: {e}", notify_path.display()));
-        notify
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
+        let (notify_path, notify) =
+            crate::common::bind_notify(s.dir, s.name, Duration::from_millis(20));
         let stderr_path = s.dir.join(&format!("{}.stderr", s.name));
         let (program, pre): (OsString, Vec<OsString>) = match s.wrapper.split_first() {
             Some((p, rest)) => {
