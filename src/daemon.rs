@@ -14,7 +14,7 @@ use vhost_user_backend::{Error as DaemonLibError, ShutdownHandle, VhostUserDaemo
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::blk::DeviceGeometry;
+use crate::blk::{DeviceGeometry, DeviceSize};
 use crate::config::{Config, Listen};
 use crate::control::ControlServer;
 use crate::engine::direct::{DirectEngine, DirectError, open_direct};
@@ -347,8 +347,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let engine = open_engine(&cfg, &image)?;
     let info = engine.info().clone();
+    let size = DeviceSize::new(info.size);
     let geo = DeviceGeometry {
-        size: info.size,
+        size: size.clone(),
         logical_block_size: cfg.logical_block_size,
         physical_block_size: info.physical_block_size.max(cfg.logical_block_size),
         num_queues: cfg.num_queues,
@@ -365,7 +366,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .display()
                 .to_string(),
             engine: engine.name().to_string(),
-            size: info.size,
+            size,
             read_only: info.read_only,
         },
     ));

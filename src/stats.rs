@@ -171,12 +171,12 @@ impl Drop for QueueCounters {
     }
 }
 
-/// Facts about the served image, fixed at start-up, reported with the counters.
+/// Facts about the served image, reported with the counters (the size follows online resizes).
 #[derive(Clone, Debug, Default)]
 pub struct DeviceInfo {
     pub image: String,
     pub engine: String,
-    pub size: u64,
+    pub size: crate::blk::DeviceSize,
     pub read_only: bool,
 }
 
@@ -247,7 +247,7 @@ impl DeviceStats {
             uptime_s: self.started.elapsed().as_secs_f64(),
             image: self.info.image.clone(),
             engine: self.info.engine.clone(),
-            size_bytes: self.info.size,
+            size_bytes: self.info.size.get(),
             read_only: self.info.read_only,
             num_queues: self.queues.len(),
             frontends_served: self.frontends.load(Ordering::Relaxed),
@@ -582,7 +582,7 @@ mod tests {
             DeviceInfo {
                 image: "/img".into(),
                 engine: "sync".into(),
-                size: 1 << 20,
+                size: (1 << 20).into(),
                 read_only: false,
             },
         );

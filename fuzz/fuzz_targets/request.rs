@@ -72,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
     q.set_event_idx(ctl[1] & 1 != 0);
     q.set_ready(true);
     let geo = DeviceGeometry {
-        size: 1 << 20,
+        size: (1 << 20).into(),
         logical_block_size: 512,
         physical_block_size: 4096,
         num_queues: 1,

@@ -1,6 +1,7 @@
 //! virtio-blk feature bits and configuration space.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -22,11 +23,46 @@ pub const CONFIG_LEN: usize = 60;
 /// Offset of the `wce` byte, the only field a driver may write.
 pub const WCE_OFFSET: usize = 32;
 
-/// What the device looks like; fixed for the life of a daemon.
+/// The device size in bytes. Clones share one value, so an online resize reaches every queue
+/// and the config space at once; it only ever grows while a frontend is connected.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceSize(Arc<AtomicU64>);
+
+impl DeviceSize {
+    pub fn new(bytes: u64) -> Self {
+        DeviceSize(Arc::new(AtomicU64::new(bytes)))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new size. The image must already have it: a request that sees the new size
+    /// goes straight to the file.
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Release);
+    }
+}
+
+impl From<u64> for DeviceSize {
+    fn from(bytes: u64) -> Self {
+        DeviceSize::new(bytes)
+    }
+}
+
+impl PartialEq for DeviceSize {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for DeviceSize {}
+
+/// What the device looks like. Everything but the size is fixed for the life of a daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceGeometry {
-    /// Image size in bytes (a multiple of `logical_block_size`).
-    pub size: u64,
+    /// Image size in bytes (a multiple of `logical_block_size`); grows on an online resize.
+    pub size: DeviceSize,
     pub logical_block_size: u32,
     pub physical_block_size: u32,
     pub num_queues: u16,
@@ -62,7 +98,7 @@ impl BlkConfig {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.geo.size / SECTOR_SIZE
+        self.geo.size.get() / SECTOR_SIZE
     }
 
     /// Virtio feature bits offered (without the vhost-user PROTOCOL_FEATURES bit).
@@ -180,7 +216,7 @@ mod tests {
 
     fn geo() -> DeviceGeometry {
         DeviceGeometry {
-            size: 1 << 30,
+            size: (1 << 30).into(),
             logical_block_size: 512,
             physical_block_size: 4096,
             num_queues: 4,

@@ -6,7 +6,7 @@ pub mod config;
 pub mod iov;
 pub mod request;
 
-pub use config::{BlkConfig, DeviceGeometry};
+pub use config::{BlkConfig, DeviceGeometry, DeviceSize};
 pub use iov::GuestIoVecs;
 pub use request::{Request, RequestError, parse_request};
 

@@ -142,14 +142,15 @@ fn read_bytes(mem: &GuestMem, segs: &[(GuestAddress, u32)]) -> Result<Vec<u8>, R
 }
 
 fn check_range(geo: &DeviceGeometry, sector: u64, len: u64) -> Result<u64, RequestError> {
+    let size = geo.size.get();
     let out = || RequestError::OutOfRange {
         sector,
         len,
-        capacity: geo.size,
+        capacity: size,
     };
     let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
     let end = offset.checked_add(len).ok_or_else(out)?;
-    if end > geo.size {
+    if end > size {
         return Err(out());
     }
     Ok(offset)

@@ -88,7 +88,7 @@ fn linked(descs: &[D]) -> Vec<RawDescriptor> {
 
 fn geometry(size: u64) -> DeviceGeometry {
     DeviceGeometry {
-        size,
+        size: size.into(),
         logical_block_size: 512,
         physical_block_size: 4096,
         num_queues: 1,
@@ -1681,7 +1681,7 @@ fn check_invariants(h: &H, req: &Request) -> &'static str {
             "{req:?}"
         );
     }
-    let size = h.geo.size;
+    let size = h.geo.size.get();
     let check_ranges = |ranges: &[(u64, u64)]| {
         assert!(!ranges.is_empty() && ranges.len() <= MAX_DISCARD_SEG as usize);
         for &(off, len) in ranges {

@@ -177,7 +177,6 @@ pub struct DirectShared {
     /// The buffered fd, for discard / write-zeroes at sector granularity.
     pub sync_file: Arc<File>,
     pub align: DioAlign,
-    pub size: u64,
     /// Only needed when the file's block is larger than a sector (RMW is possible).
     pub gate: Option<Arc<WriteGate>>,
     pub zero_range: bool,
@@ -209,7 +208,6 @@ impl DirectEngine {
                 file: Arc::new(file),
                 sync_file: Arc::clone(&image.file),
                 align,
-                size,
                 gate,
                 zero_range: image.zero_range,
             }),
@@ -230,6 +228,10 @@ impl Engine for DirectEngine {
 
     fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    fn size_granularity(&self) -> u64 {
+        self.shared.align.offset
     }
 
     fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>> {
@@ -319,9 +321,8 @@ impl Planner {
         }
         // Sub-block request: widen to whole blocks through one bounce buffer.
         let lo = align_down(offset, a);
-        let hi = align_up(end, a)
-            .ok_or(io::ErrorKind::InvalidInput)?
-            .min(self.shared.size);
+        // The parser bounded `end` by the device size, a multiple of `a`, so `hi` stays inside.
+        let hi = align_up(end, a).ok_or(io::ErrorKind::InvalidInput)?;
         let span = (hi - lo) as usize;
         let mut buf = self.pool.get(span).ok_or(io::ErrorKind::OutOfMemory)?;
         let head = (offset - lo) as usize;

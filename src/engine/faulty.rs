@@ -36,6 +36,9 @@ impl Engine for Faulty {
     fn info(&self) -> &EngineInfo {
         self.inner.info()
     }
+    fn size_granularity(&self) -> u64 {
+        self.inner.size_granularity()
+    }
     fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>> {
         Ok(Box::new(FaultyQueue {
             inner: self.inner.new_queue()?,

@@ -65,6 +65,10 @@ pub trait Engine: Send + Sync {
     /// Short name for logs ("sync", "direct").
     fn name(&self) -> &'static str;
     fn info(&self) -> &EngineInfo;
+    /// The image size must stay a multiple of this (checked again on an online resize).
+    fn size_granularity(&self) -> u64 {
+        crate::blk::SECTOR_SIZE
+    }
     /// Per-queue submission context; each worker owns one, so queues share no lock.
     fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>>;
     /// Make all completed writes durable (shutdown, disconnect).
