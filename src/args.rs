@@ -123,4 +123,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Tell a running daemon its image grew (after `truncate -s`, `qemu-img resize`,
+    /// `lvextend`): it takes the new size and notifies the connected frontend. Same as SIGHUP.
+    Resize {
+        /// The daemon's --control-socket path.
+        #[arg(value_name = "CONTROL_SOCKET")]
+        socket: PathBuf,
+    },
 }

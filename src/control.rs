@@ -2,6 +2,8 @@
 //!
 //! A client sends one command per line and gets one JSON object per line back:
 //! - `stats`: the counters ([`crate::stats::StatsSnapshot`]).
+//! - `resize`: re-read the image size after the operator grew it
+//!   ([`crate::resize::Resizer`]); answers `{"resized": "..."}` or an error.
 //! - anything else: `{"error": "..."}`.
 //!
 //! The socket is owner-only (mode 0600): the daemon's user and root can talk to it.
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
+use crate::resize::Resizer;
 use crate::stats::{DeviceStats, StatsSnapshot};
 
 /// Longest command line accepted.
@@ -25,6 +28,14 @@ const MAX_CLIENTS: usize = 8;
 /// A client idle this long is disconnected.
 const IDLE: Duration = Duration::from_secs(30);
 
+/// What the commands act on.
+#[derive(Debug)]
+pub struct Context {
+    pub stats: Arc<DeviceStats>,
+    /// `None` only in tests that serve stats alone.
+    pub resizer: Option<Arc<Resizer>>,
+}
+
 /// A listening control socket; dropping it stops the server and removes the socket file.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -33,16 +44,16 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Serves `stats` on `listener` (already bound at `path`) from a background thread.
+    /// Serves commands on `listener` (already bound at `path`) from a background thread.
     pub fn start(
         path: PathBuf,
         listener: UnixListener,
-        stats: Arc<DeviceStats>,
+        ctx: Arc<Context>,
     ) -> io::Result<ControlServer> {
         let l = listener.try_clone()?;
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(l, stats))?;
+            .spawn(move || accept_loop(l, ctx))?;
         Ok(ControlServer { path, listener })
     }
 }
@@ -56,7 +67,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(l: UnixListener, stats: Arc<DeviceStats>) {
+fn accept_loop(l: UnixListener, ctx: Arc<Context>) {
     let clients = Arc::new(AtomicUsize::new(0));
     loop {
         let mut s = match l.accept() {
@@ -73,12 +84,12 @@ fn accept_loop(l: UnixListener, stats: Arc<DeviceStats>) {
             let _ = s.write_all(&error_line("too many control clients; retry"));
             continue;
         }
-        let stats = Arc::clone(&stats);
+        let ctx = Arc::clone(&ctx);
         let c = Arc::clone(&clients);
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                if let Err(e) = serve_client(s, &stats) {
+                if let Err(e) = serve_client(s, &ctx) {
                     debug!("control client: {e}");
                 }
                 c.fetch_sub(1, Ordering::AcqRel);
@@ -96,20 +107,37 @@ fn error_line(msg: &str) -> Vec<u8> {
 }
 
 /// The reply (one line, newline-terminated) to one command.
-pub fn answer(cmd: &str, stats: &DeviceStats) -> Vec<u8> {
+pub fn answer(cmd: &str, ctx: &Context) -> Vec<u8> {
     match cmd.trim() {
-        "stats" => match serde_json::to_vec(&stats.snapshot()) {
+        "stats" => match serde_json::to_vec(&ctx.stats.snapshot()) {
             Ok(mut v) => {
                 v.push(b'\n');
                 v
             }
             Err(e) => error_line(&format!("cannot encode stats: {e}")),
         },
-        other => error_line(&format!("unknown command {other:?} (commands: stats)")),
+        "resize" => match ctx
+            .resizer
+            .as_deref()
+            .map(|r| r.resize_logged("control socket"))
+        {
+            Some(Ok(line)) => {
+                let mut v = serde_json::json!({ "resized": line })
+                    .to_string()
+                    .into_bytes();
+                v.push(b'\n');
+                v
+            }
+            Some(Err(e)) => error_line(&e),
+            None => error_line("resize is not available here"),
+        },
+        other => error_line(&format!(
+            "unknown command {other:?} (commands: stats, resize)"
+        )),
     }
 }
 
-fn serve_client(s: UnixStream, stats: &DeviceStats) -> io::Result<()> {
+fn serve_client(s: UnixStream, ctx: &Context) -> io::Result<()> {
     s.set_read_timeout(Some(IDLE))?;
     s.set_write_timeout(Some(IDLE))?;
     let mut w = s.try_clone()?;
@@ -128,7 +156,7 @@ fn serve_client(s: UnixStream, stats: &DeviceStats) -> io::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        w.write_all(&answer(&line, stats))?;
+        w.write_all(&answer(&line, ctx))?;
     }
 }
 
@@ -162,6 +190,20 @@ pub fn query(path: &Path, cmd: &str) -> Result<String, CtlError> {
     Ok(line.trim_end().to_string())
 }
 
+/// Sends `cmd` and returns the answer's `key` field, or the daemon's error.
+pub fn command(path: &Path, cmd: &str, key: &str) -> Result<String, CtlError> {
+    let line = query(path, cmd)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| CtlError::Decode(path.to_path_buf(), e))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(CtlError::Daemon(e.to_string()));
+    }
+    Ok(v.get(key)
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_string())
+}
+
 /// `stats` over the control socket, decoded.
 pub fn fetch_stats(path: &Path) -> Result<StatsSnapshot, CtlError> {
     let line = query(path, "stats")?;
@@ -179,12 +221,17 @@ mod tests {
 
     #[test]
     fn answers() {
-        let d = DeviceStats::new(2, Default::default());
+        let d = Context {
+            stats: Arc::new(DeviceStats::new(2, Default::default())),
+            resizer: None,
+        };
         let a = String::from_utf8(answer("stats\n", &d)).unwrap();
         assert!(a.ends_with('\n') && a.matches('\n').count() == 1);
         let s: StatsSnapshot = serde_json::from_str(&a).unwrap();
         assert_eq!(s.num_queues, 2);
         let e = String::from_utf8(answer("resize", &d)).unwrap();
+        assert!(e.starts_with("{\"error\":\"resize is not available"), "{e}");
+        let e = String::from_utf8(answer("grow", &d)).unwrap();
         assert!(e.starts_with("{\"error\":\"unknown command"), "{e}");
     }
 
@@ -195,8 +242,11 @@ mod tests {
         let p = dir.join("c.sock");
         let _ = std::fs::remove_file(&p);
         let l = UnixListener::bind(&p).unwrap();
-        let stats = Arc::new(DeviceStats::new(1, Default::default()));
-        let srv = ControlServer::start(p.clone(), l, stats).unwrap();
+        let ctx = Arc::new(Context {
+            stats: Arc::new(DeviceStats::new(1, Default::default())),
+            resizer: None,
+        });
+        let srv = ControlServer::start(p.clone(), l, ctx).unwrap();
         assert_eq!(fetch_stats(&p).unwrap().num_queues, 1);
         assert!(matches!(query(&p, "nope"), Ok(s) if s.contains("error")));
         drop(srv);

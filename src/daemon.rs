@@ -9,18 +9,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{Error as DaemonLibError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::blk::{DeviceGeometry, DeviceSize};
 use crate::config::{Config, Listen};
-use crate::control::ControlServer;
+use crate::control::{self, ControlServer};
 use crate::engine::direct::{DirectEngine, DirectError, open_direct};
 use crate::engine::sync::SyncEngine;
 use crate::engine::{Engine, EngineKind};
 use crate::image::{Image, ImageError};
+use crate::relay::FrontendLink;
+use crate::resize::Resizer;
 use crate::service::{Pidfile, PidfileError, Stopper};
 use crate::stats::{DeviceInfo, DeviceStats};
 use crate::vhu_blk::{BackendError, QueueOpts, VhuBlk};
@@ -76,6 +78,7 @@ struct Control {
     background: Arc<Stopper>,
     listen_fd: RawFd,
     conn: Mutex<Option<ShutdownHandle>>,
+    resizer: Arc<Resizer>,
 }
 
 impl Control {
@@ -246,7 +249,9 @@ fn spawn_signal_thread(set: libc::sigset_t, ctl: Arc<Control>) -> Result<(), Dae
                     continue;
                 }
                 match sig {
-                    libc::SIGHUP => info!("SIGHUP: nothing to reload"),
+                    libc::SIGHUP => {
+                        let _ = ctl.resizer.resize_logged("SIGHUP");
+                    }
                     _ => {
                         info!("signal {sig}: shutting down");
                         ctl.request_stop();
@@ -366,14 +371,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .display()
                 .to_string(),
             engine: engine.name().to_string(),
-            size,
+            size: size.clone(),
             read_only: info.read_only,
         },
+    ));
+    let resizer = Arc::new(Resizer::new(
+        image.path.clone(),
+        Arc::clone(&image.file),
+        size,
+        u64::from(cfg.logical_block_size).max(engine.size_granularity()),
     ));
     let control = match &cfg.control_socket {
         Some(p) => {
             let l = bind_path_with_access(p, 0o600, None)?;
-            let srv = ControlServer::start(p.clone(), l, Arc::clone(&stats));
+            let ctx = Arc::new(control::Context {
+                stats: Arc::clone(&stats),
+                resizer: Some(Arc::clone(&resizer)),
+            });
+            let srv = ControlServer::start(p.clone(), l, ctx);
             Some(srv.map_err(|e| DaemonError::Thread("control socket", e))?)
         }
         None => None,
@@ -383,6 +398,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         background: Arc::new(Stopper::default()),
         listen_fd: listener.as_raw_fd(),
         conn: Mutex::new(None),
+        resizer,
     });
     spawn_signal_thread(sigset, Arc::clone(&ctl))?;
     if let Some(interval) = crate::service::watchdog_interval() {
@@ -394,7 +410,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         crate::service::spawn_stats_logger(interval, Arc::clone(&stats), bg)
             .map_err(|e| DaemonError::Thread("stats log", e))?;
     }
-    let mut listener = Listener::from(listener);
+    // We accept frontends ourselves (the relay sits behind the accept): block in accept(),
+    // whatever mode an inherited fd came in.
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| DaemonError::VhostUser(format!("listener: {e}")))?;
 
     info!(
         "serving {} ({} bytes{}, engine {}, {} queues, discard {}, serial {:?}) on {}",
@@ -421,7 +441,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         cpus: cfg.cpus.clone(),
         stats: Arc::clone(&stats),
     };
-    let result = serve_loop(&ctl, &mut listener, &*engine, &geo, &cfg.serial, &opts);
+    let result = serve_loop(&ctl, &listener, &*engine, &geo, &cfg.serial, &opts);
     sd_notify("STOPPING=1");
     ctl.background.stop();
     let synced = engine.sync_all().map_err(DaemonError::FinalSync);
@@ -431,9 +451,39 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     result.and(synced)
 }
 
+fn accept_frontend(l: &UnixListener) -> io::Result<UnixStream> {
+    loop {
+        match l.accept() {
+            Ok((s, _)) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Hands vhost-user-backend its end of a private connection and relays `frontend` to it.
+fn start_relay(
+    daemon: &mut VhostUserDaemon<VhuBlk>,
+    frontend: UnixStream,
+    link: &Arc<FrontendLink>,
+    queue_size: u16,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let (mut private, ours) = crate::relay::private_connection()?;
+    daemon
+        .start(&mut private)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    // Nobody else may ever be accepted there.
+    drop(private);
+    crate::relay::spawn(frontend, ours, Arc::clone(link), queue_size)
+}
+
 fn serve_loop(
     ctl: &Control,
-    listener: &mut Listener,
+    listener: &UnixListener,
     engine: &dyn Engine,
     geo: &DeviceGeometry,
     serial: &[u8],
@@ -451,12 +501,21 @@ fn serve_loop(
                     .map_err(|e| DaemonError::VhostUser(format!("epoll add: {e}")))?;
             }
         }
-        if let Err(e) = daemon.start(listener) {
-            if ctl.stop.load(Ordering::SeqCst) {
-                break;
+        let frontend = match accept_frontend(listener) {
+            Ok(s) => s,
+            Err(_) if ctl.stop.load(Ordering::SeqCst) => break,
+            Err(e) => return Err(DaemonError::VhostUser(format!("accept failed: {e}"))),
+        };
+        let link = Arc::new(FrontendLink::default());
+        let relay = match start_relay(&mut daemon, frontend, &link, geo.queue_size) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not the frontend's fault, and maybe passing (fds, threads): drop this one.
+                error!("cannot serve a frontend: {e}");
+                continue;
             }
-            return Err(DaemonError::VhostUser(format!("accept failed: {e}")));
-        }
+        };
+        ctl.resizer.set_link(Some(link));
         conn_no += 1;
         opts.stats.set_connected(true);
         info!("frontend #{conn_no} connected");
@@ -470,6 +529,8 @@ fn serve_loop(
         }
         let res = daemon.wait();
         ctl.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        ctl.resizer.set_link(None);
+        let _ = relay.join();
         match res {
             Ok(()) => info!("frontend #{conn_no} disconnected"),
             Err(e) if is_normal_disconnect(&e) => info!("frontend #{conn_no} disconnected"),

@@ -140,7 +140,7 @@ impl Image {
     }
 }
 
-fn block_device_size(file: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };

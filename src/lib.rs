@@ -2,6 +2,8 @@
 //!
 //! Map of the crate, from the wire inwards:
 //! - [`daemon`]: listener (path or inherited fd), serve-again loop, signals, sd_notify.
+//! - [`relay`]: our hop between the frontend and vhost-user-backend: keeps the backend
+//!   channel, NACKs bad ring sizes. [`resize`]: online resize (SIGHUP / control `resize`).
 //! - [`service`]: socket activation, watchdog, pidfile, socket permissions.
 //! - [`control`] / [`stats`]: per-queue counters and the control socket that serves them.
 //! - [`vhu_blk`]: the `VhostUserBackend` glue; per-connection state, one thread per queue.
@@ -25,6 +27,8 @@ pub mod daemon;
 pub mod engine;
 pub mod image;
 pub mod lock;
+pub mod relay;
+pub mod resize;
 pub mod service;
 pub mod stats;
 pub mod vhu_blk;

@@ -37,8 +37,10 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    if let Some(Cmd::Stats { socket, json }) = &args.command {
-        return stats_command(socket, *json);
+    match &args.command {
+        Some(Cmd::Stats { socket, json }) => return stats_command(socket, *json),
+        Some(Cmd::Resize { socket }) => return resize_command(socket),
+        None => {}
     }
     if args.print_capabilities {
         println!("{}", capabilities_json());
@@ -84,6 +86,20 @@ fn main() -> ExitCode {
         .init();
     match vublk::daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vublk: {}", vublk::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vublk resize CONTROL_SOCKET`.
+fn resize_command(socket: &std::path::Path) -> ExitCode {
+    match vublk::control::command(socket, "resize", "resized") {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("vublk: {}", vublk::error_chain(&e));
             ExitCode::FAILURE

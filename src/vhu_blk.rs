@@ -180,6 +180,8 @@ impl VhostUserBackend for VhuBlk {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
+            // The relay (not vhost-user-backend) uses the channel: CONFIG_CHANGE_MSG on resize.
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {

@@ -7,9 +7,6 @@
 //! both sides of the region); a bad request is answered (IOERR/UNSUPP where a status byte can be
 //! written, used len 0 where not); a valid request on the same ring still works where the ring
 //! is still usable; and a new connection works once the bad one is closed.
-//!
-//! Tests marked `#[ignore = "known: …"]` check the right behaviour and fail on today's vublk;
-//! run them with `cargo test --test hostile -- --ignored`.
 
 mod common;
 #[path = "common/frontend.rs"]

@@ -391,6 +391,8 @@ pub struct Opts {
     pub region_len: usize,
     /// Bytes of memfd on each side of the region (visible to the canary check only).
     pub margin: usize,
+    /// Also ack BACKEND_REQ (the caller then sends SET_BACKEND_REQ_FD itself).
+    pub backend_channel: bool,
 }
 
 impl Default for Opts {
@@ -402,6 +404,7 @@ impl Default for Opts {
             gpa: 0x10_0000,
             region_len: 1 << 20,
             margin: 64 << 10,
+            backend_channel: false,
         }
     }
 }
@@ -480,10 +483,13 @@ impl Guest {
         }
         fe.set_features(ack).expect("SET_FEATURES");
         let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        let want = VhostUserProtocolFeatures::REPLY_ACK
+        let mut want = VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if opts.backend_channel {
+            want |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         assert!(pf.contains(want), "protocol features {pf:?} lack {want:?}");
         fe.set_protocol_features(want)
             .expect("SET_PROTOCOL_FEATURES");
