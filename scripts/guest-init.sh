@@ -7,6 +7,7 @@
 #                         b<boot>.<name>" on the console; boot 1 writes, reboots the VM once;
 #                         boot 2 reads back and verifies, then powers off
 #   size=BYTES queues=N [serial=ID] [lbs=N] pattern_off=BYTES   expected values for the checks
+#   [resize_to=BYTES]     boot 2 waits for the host to grow the disk online to this size
 export PATH=/bin
 mount -t devtmpfs dev /dev
 # The initramfs has no /dev/console node, so the kernel gave us no stdio: take it now.
@@ -146,5 +147,20 @@ runfio fio-short --rw=randwrite --do_verify=1 --bs=4k --size=8M --offset=0 --off
 check write-through sh -c 'echo "write through" >/sys/block/vda/cache_type &&
     [ "$(cat /sys/block/vda/cache_type)" = "write through" ]'
 runfio fio-write-through --rw=randwrite --do_verify=1 --bs=4k --size=4M --offset=16M --offset_increment=4M
+# Online resize: the host grows the image to resize_to bytes (last 4 KiB: "VUBLK-GROWN") and
+# tells the backend; the capacity must change under us, with no reboot.
+RS=$(arg resize_to '')
+if [ -n "$RS" ]; then
+    OLD=$(cat /sys/block/vda/size)
+    echo "VUBLK-RESIZE ready old=$OLD"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" = "$OLD" ] && [ $i -lt 600 ]; do usleep 100000 && i=$((i + 1)); done
+    echo "VUBLK-RESIZE seen size=$(cat /sys/block/vda/size) after $((i / 10)) s"
+    check resize-size [ "$(($(cat /sys/block/vda/size) * 512))" = "$RS" ]
+    N4K=$((RS / 4096))
+    check resize-read-new sh -c "dd if=/dev/vda bs=4096 skip=$((N4K - 1)) count=1 2>/dev/null | grep -q VUBLK-GROWN"
+    check resize-write-new sh -c "echo VUBLK-NEWEND | dd of=/dev/vda bs=4096 seek=$((N4K - 2)) conv=sync,fsync 2>/dev/null"
+    check resize-old-data sh -c "dd if=/dev/vda bs=4096 skip=$((PAT_OFF / 4096)) count=$((PAT_LEN / 4096)) 2>/dev/null | cmp - /pattern.bin"
+fi
 dd if=/dev/zero of=/dev/vda bs=4096 seek=$MARK_OFF count=1 conv=fsync 2>/dev/null # next run: boot 1
 finish

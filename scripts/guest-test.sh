@@ -8,6 +8,9 @@
 # TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir; LOOP_SECTOR=4096 serves the
 # image through a loop device with that sector size (a 4 KiB-aligned O_DIRECT target under a
 # 512-byte-sector guest: the direct engine's read-modify-write path).
+# With vublk the guest's second boot also checks online resize: when it says so, the host grows
+# the image by 64 MiB (and the loop device with it), sends SIGHUP, and the guest must see the new
+# capacity, read and write the new blocks, and still read its old data.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -35,7 +38,9 @@ ok() { echo "PASS host.$1" && passed=$((passed + 1)); }
 bad() { echo "FAIL host.$1${2:+: $2}" && failed=$((failed + 1)); }
 
 truncate -s "$SIZE" "$img"
+file=$img
 bytes=$(stat -c %s "$img")
+grown=$((bytes + 64 * 1048576))
 if [[ -n ${LOOP_SECTOR:-} ]]; then
     loopdev=$(losetup --sector-size "$LOOP_SECTOR" -f --show "$img")
     img=$loopdev
@@ -52,6 +57,14 @@ append="quiet panic=-1 vublk.mode=test vublk.size=$bytes vublk.queues=$QUEUES vu
 args=" ${VUBLK_ARGS:-} "
 if [[ $BACKEND == vublk && $args =~ \ --serial\ ([^ ]+) ]]; then append+=" vublk.serial=${BASH_REMATCH[1]}"; fi
 if [[ $BACKEND == vublk && $args =~ \ --logical-block-size\ ([0-9]+) ]]; then append+=" vublk.lbs=${BASH_REMATCH[1]}"; fi
+if [[ $BACKEND == vublk ]]; then append+=" vublk.resize_to=$grown"; fi
+resized=
+grow_image() { # what an operator does: grow the file (and its loop device), then tell vublk
+    truncate -s "$grown" "$file"
+    echo VUBLK-GROWN | dd of="$file" bs=4096 seek=$((grown / 4096 - 1)) conv=notrunc,sync status=none
+    [[ -z $loopdev ]] || losetup -c "$loopdev"
+    kill -HUP "$backend_pid"
+}
 
 echo "guest-test: backend=$BACKEND engine=$ENGINE image=$SIZE kernel=$(cat "$cache/kernel/version")"
 start=$SECONDS
@@ -68,6 +81,9 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
     boots=$(grep -c '^VUBLK-BOOT ' "$log" 2>/dev/null) || true
     if ((${boots:-0} > 2)); then reason="guest booted a third time"; fi
     if [[ -n $reason ]]; then kill "$qemu_pid" && break; fi
+    if [[ $BACKEND == vublk && -z $resized ]] && grep -q '^VUBLK-RESIZE ready' "$log" 2>/dev/null; then
+        resized=1 && grow_image
+    fi
     sleep 0.5
 done
 qrc=0
@@ -87,6 +103,22 @@ for c in b1.capacity b1.queues b1.fio-4k b1.fio-bsrange b1.used-q0 b1.used-q1 b1
     b2.write-through b2.fio-write-through; do
     grep -qE "^VUBLK-TEST (PASS|FAIL) $c(\$|:)" "$tmp/console.txt" || bad "guest-$c" "check never ran"
 done
+if [[ $BACKEND == vublk ]]; then
+    for c in b2.resize-size b2.resize-read-new b2.resize-write-new b2.resize-old-data; do
+        grep -qE "^VUBLK-TEST (PASS|FAIL) $c(\$|:)" "$tmp/console.txt" || bad "guest-$c" "check never ran"
+    done
+    # What the guest wrote past the old end is in the file; vublk logged who it told.
+    if dd if="$file" bs=4096 skip=$((grown / 4096 - 2)) count=1 status=none | grep -q VUBLK-NEWEND; then
+        ok resize-write-in-image
+    else
+        bad resize-write-in-image
+    fi
+    if grep -q "SIGHUP: image .*grew from $bytes to $grown bytes.*frontend notified" "$blog"; then
+        ok resize-logged
+    else
+        bad resize-logged "$(grep -i 'SIGHUP' "$blog" | tail -n 2)"
+    fi
+fi
 if grep -q '^VUBLK-DONE failed=0' "$tmp/console.txt"; then ok guest-done; else bad guest-done "guest did not finish cleanly"; fi
 
 # The guest's pattern must be in the image file, where the guest put it.
