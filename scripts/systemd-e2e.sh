@@ -5,7 +5,8 @@
 # units), starts vublk@disk0.socket and drives the socket-activated, sandboxed daemon from the
 # host with libblkio. Checks: nothing runs before a client connects, the service becomes active
 # (Type=notify), the direct engine gets O_DIRECT and io_uring inside the sandbox, the socket's
-# owner and mode, `vublk stats` through the runtime directory, a restart, and a clean stop.
+# owner and mode, `vublk stats` through the runtime directory, online resize by `systemctl reload`,
+# a restart, and a clean stop.
 # Only the vublk binary path differs from the shipped unit (a drop-in points ExecStart at the
 # build): /usr is the host's, read-only.
 # Usage: scripts/systemd-e2e.sh   (VUBLK_BIN to pick the binary; needs root)
@@ -105,6 +106,17 @@ echo "systemd-e2e: O_DIRECT, $rings io_urings"
 ct /opt/vublk-bin/vublk stats /run/vublk/disk0/control.sock || fail "vublk stats"
 ct setpriv --reuid=vublk --regid=vublk --init-groups /opt/vublk-bin/vublk stats /run/vublk/disk0/control.sock >/dev/null ||
     fail "vublk stats as the service user"
+# Online resize the systemd way: grow the image, `systemctl reload` (SIGHUP).
+ct truncate -s +64M /var/lib/vublk/disk0.raw
+ct systemctl reload vublk@disk0.service
+for _ in $(seq 50); do
+    ct journalctl --no-pager -o cat -u vublk@disk0 | grep -q "SIGHUP: image .*grew from" && break
+    sleep 0.1
+done
+ct journalctl --no-pager -o cat -u vublk@disk0 | grep "SIGHUP: image .*grew from" ||
+    fail "systemctl reload did not resize"
+ct /opt/vublk-bin/vublk resize /run/vublk/disk0/control.sock | grep -q "size unchanged" ||
+    fail "vublk resize"
 perms=$(ct stat -c '%U:%G %a' /run/vublk/disk0.sock)
 [[ $perms == "root:kvm 660" ]] || fail "socket is $perms"
 
