@@ -507,6 +507,8 @@ fn serve_loop(
             Err(e) => return Err(DaemonError::VhostUser(format!("accept failed: {e}"))),
         };
         let link = Arc::new(FrontendLink::default());
+        // Ours to shut down, so a relay stuck in a half-sent message still ends with the rest.
+        let frontend_end = frontend.try_clone();
         let relay = match start_relay(&mut daemon, frontend, &link, geo.queue_size) {
             Ok(r) => r,
             Err(e) => {
@@ -530,6 +532,9 @@ fn serve_loop(
         let res = daemon.wait();
         ctl.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
         ctl.resizer.set_link(None);
+        if let Ok(f) = &frontend_end {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
         let _ = relay.join();
         match res {
             Ok(()) => info!("frontend #{conn_no} disconnected"),

@@ -4,7 +4,7 @@ mod common;
 
 use blkio::ReqFlags;
 use common::*;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -302,6 +302,25 @@ fn sigterm_idle_after_a_client_left() {
     drop(c);
     let status = d.terminate();
     assert_exit_zero(status, &d, "SIGTERM after a client disconnected");
+    assert!(!exists(&sock), "socket file left behind after SIGTERM");
+}
+
+/// A frontend that sent half a message and went quiet must not hold up SIGTERM.
+#[test]
+fn sigterm_with_a_half_sent_message() {
+    let dir = TestDir::new("term-half");
+    let img = create_image(&dir.join("disk.img"), 4 * MIB);
+    let d = Daemon::start(&dir, &img, &[]);
+    let sock = d.socket.clone().unwrap();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    // GET_FEATURES header, then the first 4 bytes of a SET_FEATURES header.
+    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    s.write_all(&[2, 0, 0, 0]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let status = d.terminate();
+    assert_exit_zero(status, &d, "SIGTERM with a half-sent message");
     assert!(!exists(&sock), "socket file left behind after SIGTERM");
 }
 
