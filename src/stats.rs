@@ -56,6 +56,9 @@ pub struct QueueStats {
     bytes_written: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
+    /// The highest `in_flight` ever reached (a queue's worker never holds more requests than
+    /// its ring has slots; this shows it).
+    in_flight_peak: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -103,6 +106,7 @@ impl QueueStats {
             bytes_written: l(&self.bytes_written),
             errors: l(&self.errors),
             in_flight: l(&self.in_flight),
+            in_flight_peak: l(&self.in_flight_peak),
             latency_us_log2: self.latency.iter().map(l).collect(),
         }
     }
@@ -127,7 +131,11 @@ impl QueueCounters {
 
     /// A request went to the engine.
     pub fn submitted(&self) {
-        bump(&self.s.in_flight, 1);
+        let n = self.s.in_flight.load(Ordering::Relaxed).wrapping_add(1);
+        self.s.in_flight.store(n, Ordering::Relaxed);
+        if n > self.s.in_flight_peak.load(Ordering::Relaxed) {
+            self.s.in_flight_peak.store(n, Ordering::Relaxed);
+        }
     }
 
     /// An engine request finished: `bytes` is its data length (counted only on success).
@@ -281,6 +289,10 @@ pub struct QueueSnapshot {
     pub errors: u64,
     /// Requests handed to the image and not completed yet.
     pub in_flight: u64,
+    /// The highest `in_flight` since the daemon started (for the totals: the highest of any
+    /// queue). Never above the ring size a frontend set.
+    #[serde(default)]
+    pub in_flight_peak: u64,
     /// Latency histogram of image requests, bucket `i` below `latency_bucket_upper_us[i]`.
     pub latency_us_log2: Vec<u64>,
 }
@@ -298,6 +310,7 @@ impl QueueSnapshot {
         self.bytes_written += o.bytes_written;
         self.errors += o.errors;
         self.in_flight += o.in_flight;
+        self.in_flight_peak = self.in_flight_peak.max(o.in_flight_peak);
         if self.latency_us_log2.len() < o.latency_us_log2.len() {
             self.latency_us_log2.resize(o.latency_us_log2.len(), 0);
         }
@@ -351,6 +364,7 @@ impl QueueSnapshot {
             bytes_written: d(self.bytes_written, earlier.bytes_written),
             errors: d(self.errors, earlier.errors),
             in_flight: self.in_flight,
+            in_flight_peak: self.in_flight_peak,
             latency_us_log2: self
                 .latency_us_log2
                 .iter()
@@ -536,6 +550,7 @@ mod tests {
         assert_eq!((q.reads, q.writes, q.errors), (1, 1, 1));
         assert_eq!((q.bytes_read, q.bytes_written), (4096, 0));
         assert_eq!((q.get_id, q.invalid, q.in_flight), (1, 1, 1));
+        assert_eq!(q.in_flight_peak, 2);
         assert_eq!(q.latency_us_log2.iter().sum::<u64>(), 2);
         assert_eq!(q.latency_us_log2[3], 1);
         assert_eq!(q.latency_us_log2[7], 1);
@@ -553,6 +568,8 @@ mod tests {
         c2.completed(ReqKind::Flush, 0, true, Duration::ZERO);
         let q = &d.snapshot().queues[0];
         assert_eq!((q.in_flight, q.flushes, q.reads), (0, 1, 1));
+        // The peak outlives the connection that reached it.
+        assert_eq!(q.in_flight_peak, 2);
         // A queue that does not exist counts nowhere, without panicking.
         d.counters(7).invalid();
     }
