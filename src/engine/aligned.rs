@@ -13,10 +13,24 @@ pub fn align_up(v: u64, a: u64) -> Option<u64> {
     Some(v.checked_add(a - 1)? & !(a - 1))
 }
 
-/// A zero-initialised heap buffer whose start is aligned to `align` bytes.
+/// Buffers at least this large are mapped straight from the kernel and unmapped when dropped.
+/// glibc would carve them out of an arena with `memalign`, whose over-sized requests leave
+/// freed buffers just too small to reuse: bounce traffic then grows the heap far beyond the
+/// bytes actually live (hundreds of MiB for a 64 MiB bounce budget).
+const MMAP_MIN: usize = 128 << 10;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
+/// A zero-initialised buffer whose start is aligned to `align` bytes.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     layout: Layout,
+    /// Mapped with mmap (unmapped on drop) rather than taken from the allocator.
+    mapped: bool,
 }
 
 // SAFETY: the buffer is uniquely owned plain memory; no thread affinity.
@@ -29,9 +43,35 @@ impl AlignedBuf {
         if layout.size() == 0 {
             return None;
         }
+        if len >= MMAP_MIN && align <= page_size() {
+            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            let ptr = NonNull::new(p.cast::<u8>())?;
+            return Some(AlignedBuf {
+                ptr,
+                layout,
+                mapped: true,
+            });
+        }
         // SAFETY: the layout has a non-zero size (checked above).
         let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
-        Some(AlignedBuf { ptr, layout })
+        Some(AlignedBuf {
+            ptr,
+            layout,
+            mapped: false,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -70,8 +110,13 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly this layout and not freed before.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        if self.mapped {
+            // SAFETY: mapped in `new` with exactly this length and not unmapped before.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
+        } else {
+            // SAFETY: allocated in `new` with exactly this layout and not freed before.
+            unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -144,5 +189,11 @@ mod tests {
         let mut b3 = AlignedBuf::new(8192, 512).unwrap();
         let v = b3.iovec(8000, 4096);
         assert_eq!(v.iov_len, 192);
+        // Large buffers are mapped: aligned, zeroed, writable.
+        let mut big = AlignedBuf::new(4 << 20, 4096).unwrap();
+        assert!(big.mapped);
+        assert_eq!(big.as_slice().as_ptr() as usize % 4096, 0);
+        assert!(big.as_slice().iter().all(|&b| b == 0));
+        big.as_mut_slice()[(4 << 20) - 1] = 1;
     }
 }
