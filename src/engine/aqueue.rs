@@ -15,7 +15,7 @@ use log::{info, warn};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::aligned::AlignedBuf;
-use super::direct::{Bounce, GateTicket, Planner};
+use super::direct::{Bounce, GateTicket, Planner, held_iov_bytes};
 use super::sync::{self, rw_all};
 use super::{Completion, EngineQueue, Op};
 use crate::blk::GuestIoVecs;
@@ -48,6 +48,17 @@ pub struct Prepared {
     pub bufs: Option<GuestIoVecs>,
     /// RMW ordering; released when this is dropped.
     pub ticket: Option<GateTicket>,
+    /// Bytes charged to the queue's budget while in flight (set when issued).
+    pub charged: usize,
+}
+
+impl Prepared {
+    /// Memory this op holds until it completes: bounce buffers and iovec tables.
+    fn holds(&self) -> usize {
+        let guest_iovs = self.bufs.as_ref().map_or(0, |b| b.iovecs().len());
+        self.bounces.iter().map(|b| b.buf.len()).sum::<usize>()
+            + held_iov_bytes(guest_iovs, self.iov.len())
+    }
 }
 
 // SAFETY: the raw iovec pointers refer to guest memory pinned by `bufs` or to bounce buffers
@@ -57,7 +68,7 @@ unsafe impl Send for Prepared {}
 /// What RMW planning needs from the queue while it waits for a gate.
 pub trait Submitter {
     fn in_flight_ops(&self) -> usize;
-    /// Bounce buffer bytes held by in-flight ops.
+    /// Bytes held by in-flight ops: bounce buffers and iovec tables (see `BOUNCE_BUDGET`).
     fn bounce_in_flight(&self) -> usize;
     /// Blocks until at least one in-flight op completed and processes it.
     fn wait_one(&mut self) -> io::Result<()>;
@@ -233,8 +244,9 @@ impl Drop for AsyncQueue {
 }
 
 impl State {
-    fn alloc_slot(&mut self, tag: u64, p: Prepared) -> usize {
-        self.bounce_bytes += p.bounces.iter().map(|b| b.buf.len()).sum::<usize>();
+    fn alloc_slot(&mut self, tag: u64, mut p: Prepared) -> usize {
+        p.charged = p.holds();
+        self.bounce_bytes += p.charged;
         match self.free.pop() {
             Some(s) => {
                 self.slots[s] = Some((tag, p));
@@ -361,9 +373,12 @@ impl State {
             bufs,
             guest_len,
             ticket,
+            charged,
             ..
         } = p;
         drop(ticket);
+        // Ops finished without being issued (inline, refused) were never charged.
+        self.bounce_bytes = self.bounce_bytes.saturating_sub(charged);
         let ok = res.is_ok();
         for b in bounces {
             if ok
@@ -372,7 +387,6 @@ impl State {
             {
                 g.write_at(b.guest_off, &b.buf.as_slice()[b.buf_off..b.buf_off + b.len]);
             }
-            self.bounce_bytes = self.bounce_bytes.saturating_sub(b.buf.len());
             self.spare.push(b.buf);
         }
         self.done.push(Completion {
@@ -450,10 +464,14 @@ impl Submitter for State {
 
 impl EngineQueue for AsyncQueue {
     fn submit(&mut self, tag: u64, op: Op) {
+        let len = match &op {
+            Op::Read { bufs, .. } | Op::Write { bufs, .. } => bufs.len(),
+            _ => 0,
+        };
         let prepared = match op {
             Op::Read { offset, bufs } => self.prepare(false, offset, bufs, false),
             Op::Write { offset, bufs, fua } => self.prepare(true, offset, bufs, fua),
-            Op::Flush => Ok(Prepared {
+            Op::Flush => Ok(Some(Prepared {
                 kind: IoKind::Fsync,
                 offset: 0,
                 iov: Vec::new(),
@@ -462,7 +480,8 @@ impl EngineQueue for AsyncQueue {
                 bounces: Vec::new(),
                 bufs: None,
                 ticket: None,
-            }),
+                charged: 0,
+            })),
             other => {
                 // Discard / write-zeroes are rare and metadata-only: run them inline on the
                 // buffered fd, which accepts any sector alignment.
@@ -472,7 +491,12 @@ impl EngineQueue for AsyncQueue {
             }
         };
         match prepared {
-            Ok(p) => self.st.issue(tag, p),
+            Ok(Some(p)) => self.st.issue(tag, p),
+            // Carried out inline by the planner.
+            Ok(None) => self.st.done.push(Completion {
+                tag,
+                result: Ok(len),
+            }),
             Err(e) => self.st.done.push(Completion {
                 tag,
                 result: Err(e),
@@ -534,12 +558,12 @@ impl AsyncQueue {
         offset: u64,
         bufs: GuestIoVecs,
         fua: bool,
-    ) -> io::Result<Prepared> {
+    ) -> io::Result<Option<Prepared>> {
         match &mut self.planner {
             Some(pl) => pl.plan(write, offset, bufs, fua, &mut self.st),
             None => {
                 let len = bufs.len();
-                Ok(Prepared {
+                Ok(Some(Prepared {
                     kind: if write {
                         IoKind::Write { fua }
                     } else {
@@ -552,7 +576,8 @@ impl AsyncQueue {
                     bounces: Vec::new(),
                     bufs: Some(bufs),
                     ticket: None,
-                })
+                    charged: 0,
+                }))
             }
         }
     }

@@ -21,9 +21,24 @@ use crate::blk::GuestIoVecs;
 use crate::image::Image;
 
 /// Bounce bytes a queue keeps cached for reuse.
-const POOL_BYTES: usize = 8 << 20;
-/// Bounce bytes a queue may have in flight (bounds memory a guest can make us allocate).
+pub const POOL_BYTES: usize = 8 << 20;
+/// Bytes of bounce buffers and guest iovec tables a queue may hold for in-flight ops: bounds
+/// the memory a guest can make us allocate, whatever it puts in its ring.
 pub const BOUNCE_BUDGET: usize = 64 << 20;
+/// A request whose bounce would not fit in the budget goes through a buffer this large, one
+/// chunk after the other.
+pub const CHUNK: usize = 4 << 20;
+
+/// Budget charged for bouncing `payload` bytes: pool buffers may be up to twice the size asked.
+fn bounce_charge(payload: usize) -> usize {
+    payload.saturating_mul(2)
+}
+
+/// Budget charged for the iovec tables of an op: the guest's (kept until completion) and the
+/// kernel's (plus its copy for the thread pool).
+pub fn held_iov_bytes(guest_iovs: usize, kernel_iovs: usize) -> usize {
+    (guest_iovs + 2 * kernel_iovs).saturating_mul(std::mem::size_of::<libc::iovec>())
+}
 
 /// O_DIRECT constraints of the open file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,7 +288,8 @@ impl Planner {
     }
 
     /// Builds the transfer for a guest read or write; may block for RMW ordering, in which
-    /// case `sub` is used to drain this queue's own in-flight writes first.
+    /// case `sub` is used to drain this queue's own in-flight writes first. `None`: the request
+    /// was too large to bounce at once and has been carried out inline, in chunks.
     pub fn plan(
         &mut self,
         write: bool,
@@ -281,7 +297,7 @@ impl Planner {
         bufs: GuestIoVecs,
         fua: bool,
         sub: &mut dyn Submitter,
-    ) -> io::Result<Prepared> {
+    ) -> io::Result<Option<Prepared>> {
         let a = self.shared.align.offset;
         let m = self.shared.align.mem;
         let len = bufs.len();
@@ -291,19 +307,19 @@ impl Planner {
             && bufs.iovecs().iter().all(|v| {
                 (v.iov_base as u64).is_multiple_of(m) && (v.iov_len as u64).is_multiple_of(a)
             });
+        // Memory is bounded per queue whatever the guest sends: an op holds its guest iovec
+        // table and, if bounced, buffers of at most twice its payload (pool buffers may be up to
+        // twice the size asked for). Past the budget, wait for earlier ops to complete; a
+        // request that alone would exceed it is bounced a chunk at a time, inline.
+        let mut need = held_iov_bytes(bufs.iovecs().len(), bufs.iovecs().len());
         if !direct_ok {
-            // Bounce memory is bounded per queue whatever the guest sends: wait for earlier
-            // bounces to complete, and refuse a single request larger than the budget.
-            let need = len as usize + 2 * a as usize;
+            need += bounce_charge(len as usize + 2 * a as usize);
             if need > BOUNCE_BUDGET {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("unaligned request of {len} bytes exceeds the bounce budget"),
-                ));
+                return self.chunked(write, offset, &bufs, fua, sub).map(|()| None);
             }
-            while sub.bounce_in_flight() + need > BOUNCE_BUDGET && sub.in_flight_ops() > 0 {
-                sub.wait_one()?;
-            }
+        }
+        while sub.bounce_in_flight() + need > BOUNCE_BUDGET && sub.in_flight_ops() > 0 {
+            sub.wait_one()?;
         }
         let kind = if write {
             IoKind::Write { fua }
@@ -317,7 +333,7 @@ impl Planner {
             };
             let mut p = self.plan_aligned(kind, offset, bufs, m, a)?;
             p.ticket = ticket;
-            return Ok(p);
+            return Ok(Some(p));
         }
         // Sub-block request: widen to whole blocks through one bounce buffer.
         let lo = align_down(offset, a);
@@ -350,7 +366,7 @@ impl Planner {
             bufs.read_at(0, &mut buf.as_mut_slice()[head..head + len as usize]);
         }
         let iov = vec![buf.iovec(0, span)];
-        Ok(Prepared {
+        Ok(Some(Prepared {
             kind,
             offset: lo,
             iov,
@@ -364,7 +380,65 @@ impl Planner {
             }],
             bufs: Some(bufs),
             ticket,
-        })
+            charged: 0,
+        }))
+    }
+
+    /// Carries out a request too large to bounce at once: `CHUNK` bytes at a time through one
+    /// buffer, on this thread. Partial first and last blocks of a write are read first, under
+    /// an exclusive gate, exactly as for a widened request.
+    fn chunked(
+        &mut self,
+        write: bool,
+        offset: u64,
+        bufs: &GuestIoVecs,
+        fua: bool,
+        sub: &mut dyn Submitter,
+    ) -> io::Result<()> {
+        let a = self.shared.align.offset;
+        let end = offset + bufs.len();
+        let lo = align_down(offset, a);
+        let hi = align_up(end, a).ok_or(io::ErrorKind::InvalidInput)?;
+        let _ticket = match (&self.shared.gate, write) {
+            (Some(g), true) => Some(acquire(g, lo, hi, lo != offset || hi != end, sub)?),
+            _ => None,
+        };
+        let chunk = CHUNK.max(a as usize);
+        let charge = bounce_charge(chunk);
+        while sub.bounce_in_flight() + charge > BOUNCE_BUDGET && sub.in_flight_ops() > 0 {
+            sub.wait_one()?;
+        }
+        let mut buf = self.pool.get(chunk).ok_or(io::ErrorKind::OutOfMemory)?;
+        let fd = &self.shared.file;
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let mut at = lo;
+        let result = (|| {
+            while at < hi {
+                let n = (hi - at).min(chunk as u64);
+                // The guest bytes in this chunk: [g_lo, g_hi), at `g_lo - at` in the buffer.
+                let (g_lo, g_hi) = (at.max(offset), (at + n).min(end));
+                let (b_lo, b_hi) = ((g_lo - at) as usize, (g_hi - at) as usize);
+                let iov = [buf.iovec(0, n as usize)];
+                if write {
+                    if b_lo > 0 {
+                        super::sync::rw_all(fd, &[buf.iovec(0, a as usize)], at, false, 0)?;
+                    }
+                    if b_hi < n as usize {
+                        let tail = [buf.iovec(n as usize - a as usize, a as usize)];
+                        super::sync::rw_all(fd, &tail, at + n - a, false, 0)?;
+                    }
+                    bufs.read_at(g_lo - offset, &mut buf.as_mut_slice()[b_lo..b_hi]);
+                    super::sync::rw_all(fd, &iov, at, true, flags)?;
+                } else {
+                    super::sync::rw_all(fd, &iov, at, false, 0)?;
+                    bufs.write_at(g_lo - offset, &buf.as_slice()[b_lo..b_hi]);
+                }
+                at += n;
+            }
+            Ok(())
+        })();
+        self.pool.put(buf);
+        result
     }
 
     fn plan_aligned(
@@ -418,6 +492,7 @@ impl Planner {
             bounces,
             bufs: Some(bufs),
             ticket: None,
+            charged: 0,
         })
     }
 }
