@@ -23,6 +23,13 @@ pub const CONFIG_LEN: usize = 60;
 /// Offset of the `wce` byte, the only field a driver may write.
 pub const WCE_OFFSET: usize = 32;
 
+/// `seg_max` for a largest ring of `queue_size`: the data segments one request may have.
+pub fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size)
+        .saturating_sub(2)
+        .clamp(1, SEG_MAX_CAP)
+}
+
 /// The device size in bytes. Clones share one value, so an online resize reaches every queue
 /// and the config space at once; it only ever grows while a frontend is connected.
 #[derive(Clone, Debug, Default)]
@@ -138,9 +145,7 @@ impl BlkConfig {
 
     /// Segments per request: the ring holds the header and status too.
     pub fn seg_max(&self) -> u32 {
-        u32::from(self.geo.queue_size)
-            .saturating_sub(2)
-            .clamp(1, SEG_MAX_CAP)
+        seg_max(self.geo.queue_size)
     }
 
     /// The config space as the driver reads it (little-endian, virtio 1.2 layout).

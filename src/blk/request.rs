@@ -86,6 +86,8 @@ pub enum RequestError {
     SegmentTooLarge(u32),
     #[error("GET_ID buffer is {0} bytes, need {ID_LEN}")]
     GetIdTooShort(u64),
+    #[error("chain has {0} descriptors; seg_max allows {1} (data segments + header + status)")]
+    TooManySegments(usize, usize),
 }
 
 impl RequestError {
@@ -177,6 +179,11 @@ where
     // virtio-queue's iterator follows NEXT and INDIRECT links with a loop bound of the queue
     // size and stops at the first descriptor it cannot read.
     let mut last_has_next = false;
+    // Past what seg_max allows we only look for the status descriptor: an indirect table can
+    // hold 65535 descriptors, and we keep a request's segments while it is in flight.
+    let limit = super::config::seg_max(geo.queue_size) as usize + 2;
+    let mut count = 0usize;
+    let mut last_writable = None;
     for desc in chain {
         last_has_next = desc.has_next();
         let (addr, len) = (desc.addr(), desc.len());
@@ -184,6 +191,11 @@ where
         let wrapping = addr.0.checked_add(u64::from(len)).is_none();
         if desc.is_write_only() && len > 0 {
             status_wraps = wrapping;
+            last_writable = Some((addr, len));
+        }
+        count += 1;
+        if count > limit {
+            continue;
         }
         if wrapping {
             wraps.get_or_insert(OutOfGuestMemory {
@@ -198,6 +210,11 @@ where
             misordered |= !writable.is_empty();
             readable.push((addr, len));
         }
+    }
+    if count > limit {
+        writable.clear();
+        readable.clear();
+        writable.extend(last_writable);
     }
     // Empty descriptors carry no bytes; dropping them keeps "last byte" meaningful.
     writable.retain(|&(_, l)| l > 0);
@@ -222,6 +239,7 @@ where
     }
     writable.retain(|&(_, l)| l > 0);
     req.command = match wraps {
+        _ if count > limit => Err(RequestError::TooManySegments(count, limit)),
         Some(e) => Err(RequestError::BadMemory(e)),
         // The walk stopped at a descriptor that still links on (a loop, a bad index, a bad
         // indirect table): the chain is not what the driver meant, do not execute it.

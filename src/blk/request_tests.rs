@@ -1894,3 +1894,27 @@ fn randomized(top: bool) {
         );
     }
 }
+
+#[test]
+fn seg_max_bounds_the_descriptors_of_a_request() {
+    // seg_max for the test ring (16) is 14: header + 14 data segments + status.
+    let h = H::new();
+    let chain = |n: u64| {
+        let mut c = vec![h.hdr(VIRTIO_BLK_T_IN, 0)];
+        c.extend((0..n).map(|i| w(DATA + 512 * i, 512)));
+        c.push(w(STATUS, 1));
+        c
+    };
+    let req = h.parse_indirect(&chain(14));
+    ok_with_status(&req, 14 * 512);
+    assert_eq!(h.iov(read_op(&req).1).len(), 14);
+    // One more, and a table far past the ring size: refused with IOERR in the last descriptor.
+    for n in [15, 1000] {
+        let req = h.parse_indirect(&chain(n));
+        let e = refused(&req, Status::IoErr);
+        assert!(
+            matches!(e, RequestError::TooManySegments(c, 16) if *c == n as usize + 2),
+            "{e:?}"
+        );
+    }
+}
