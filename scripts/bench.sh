@@ -177,6 +177,8 @@ raw=$OUTDIR/docs/bench-raw.jsonl
 raw_tmp=$(mktemp "$OUTDIR/docs/.bench-raw.XXXXXX")
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+# The revision measured: taken before this run writes its own outputs (docs/, BENCHMARKS.md).
+git_rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
 
 # ---------------------------------------------------------------------------------------------
 # One run
@@ -362,7 +364,6 @@ for v in "${env_given[@]}"; do cmdline+="$v=$(printf '%q' "${!v}") "; done
 cmdline+="scripts/bench.sh"
 qsd_version=$(qemu-storage-daemon --version 2>/dev/null | head -n1 || true)
 fio_version=$(fio --version 2>/dev/null || true)
-git_rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
 export BENCH_RAW=$raw BENCH_OUTDIR=$OUTDIR BENCH_CMD=$cmdline BENCH_STARTED=$started \
     BENCH_FINISHED=$finished BENCH_LOAD="$load_before → $load_after" \
     BENCH_RUNTIME=$RUNTIME BENCH_RAMP=$RAMP BENCH_REPS=$REPS BENCH_CPU_CLIENT=$CPU_CLIENT \
