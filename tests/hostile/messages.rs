@@ -404,6 +404,20 @@ fn truncated_and_malformed_messages() {
             let p = [0, 0, 0, 0, 16, 0, 0, 0];
             Box::new(move |s| raw_msg(s, SET_VRING_NUM, 0x1 | 0x4 | 0x8, None, &p, &[]))
         }),
+        (
+            "SET_VRING_NUM with 40 fds attached (more than a message may carry)",
+            {
+                let p = [0, 0, 0, 0, 16, 0, 0, 0];
+                Box::new(move |s| raw_msg(s, SET_VRING_NUM, NEED_REPLY, None, &p, &[fd; 40]))
+            },
+        ),
+        ("fds attached to the body instead of the header", {
+            let h = hdr(SET_VRING_NUM, 8);
+            Box::new(move |s| {
+                send_with_fds(s, &h, &[])?;
+                send_with_fds(s, &[0, 0, 0, 0, 16, 0, 0, 0], &[fd, fd])
+            })
+        }),
         ("a request of protocol version 2", {
             let p = [0, 0, 0, 0, 16, 0, 0, 0];
             Box::new(move |s| raw_msg(s, SET_VRING_NUM, 0x2 | 0x8, None, &p, &[]))
