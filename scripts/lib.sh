@@ -66,3 +66,30 @@ qemu_cmd() {
         -chardev "socket,id=c0,path=$sock${CHARDEV_OPTS:-}" -device "$dev"
         -kernel "$cache/kernel/vmlinuz" -initrd "$initrd" -append "console=ttyS0 $append")
 }
+
+# serve_interactive NAME IMAGE: what the interactive run scripts share. Makes sure the guest
+# kernel and initramfs exist, creates IMAGE (SIZE, default 1G) if missing, and starts the
+# backend on it in a temp dir that is removed, with the backend stopped, when the script exits.
+# Sets img (absolute path), QUEUES (default 2), tmp, and the socket path sock.
+serve_interactive() {
+    local name=$1
+    img=$(realpath "$2")
+    QUEUES=${QUEUES:-2}
+    [[ -f $cache/kernel/vmlinuz ]] || "$root/scripts/install-deps.sh"
+    "$root/scripts/mkinitramfs.sh"
+    [[ -e $img ]] || truncate -s "${SIZE:-1G}" "$img"
+    tmp=$(mktemp -d "/tmp/vublk-$name.XXXXXX")
+    sock=$tmp/blk.sock
+    backend_pid=
+    trap _serve_interactive_cleanup EXIT
+    start_backend "$img" "$sock" "$QUEUES" "$tmp/backend.log"
+    echo "$name: $BACKEND serving $img (log: $tmp/backend.log while running)"
+}
+
+_serve_interactive_cleanup() {
+    if [[ -n $backend_pid ]]; then
+        kill "$backend_pid" 2>/dev/null || true
+        wait "$backend_pid" || true
+    fi
+    rm -rf "$tmp"
+}

@@ -23,29 +23,12 @@ fi
     echo "run-cloud-hypervisor: cloud-hypervisor needs read-write /dev/kvm" >&2
     exit 1
 }
-img=$(realpath "$1")
-QUEUES=${QUEUES:-2}
-[[ -f $cache/kernel/vmlinuz ]] || "$root/scripts/install-deps.sh"
-"$root/scripts/mkinitramfs.sh"
-[[ -e $img ]] || truncate -s "${SIZE:-1G}" "$img"
+serve_interactive run-cloud-hypervisor "$1"
 kernel=${KERNEL:-$cache/kernel/vmlinuz}
-
-tmp=$(mktemp -d /tmp/vublk-ch.XXXXXX)
-backend_pid=
-cleanup() {
-    if [[ -n $backend_pid ]]; then
-        kill "$backend_pid" 2>/dev/null || true
-        wait "$backend_pid" || true
-    fi
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-start_backend "$img" "$tmp/blk.sock" "$QUEUES" "$tmp/backend.log"
-echo "run-cloud-hypervisor: $BACKEND serving $img (log: $tmp/backend.log while running)"
 # Guest memory must be shared (shared=on) so that vublk can map it.
 "$ch" --cpus boot=2 --memory size=512M,shared=on \
     --kernel "$kernel" --initramfs "$cache/initramfs.cpio" \
     --cmdline "console=ttyS0 vublk.mode=shell" \
-    --disk "vhost_user=true,socket=$tmp/blk.sock,num_queues=$QUEUES,queue_size=256" \
+    --disk "vhost_user=true,socket=$sock,num_queues=$QUEUES,queue_size=256" \
     --serial tty --console off ||
     echo "run-cloud-hypervisor: cloud-hypervisor exited with $?"
