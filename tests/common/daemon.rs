@@ -388,16 +388,7 @@ impl Daemon {
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        super::poll_until(timeout, || self.try_wait())
     }
 
     /// SIGTERM, then waits for exit (panics with stderr on timeout).

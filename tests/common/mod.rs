@@ -48,6 +48,20 @@ pub const DAEMON_MAX_LIFETIME: Duration = Duration::from_secs(180);
 
 /// Runs `f` on another thread and panics if it takes longer than `timeout` (the thread is left
 /// behind; kill the daemon to unblock it).
+/// Calls `f` every 10 ms until it returns `Some`, for at most `timeout`.
+pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn with_timeout<T: Send + 'static>(
     timeout: Duration,
     what: &str,

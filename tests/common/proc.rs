@@ -168,16 +168,7 @@ impl Proc {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::common::poll_until(timeout, || self.try_wait())
     }
 
     /// Reads the datagrams already queued (e.g. sent just before exiting).
