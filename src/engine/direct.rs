@@ -74,6 +74,7 @@ pub fn open_direct(path: &Path, read_only: bool) -> Result<(File, DioAlign), Dir
             path: path.display().to_string(),
             source,
         })?;
+    crate::image::skip_atime(&file);
     let align = probe_alignment(&file).map_err(|source| DirectError::Open {
         path: path.display().to_string(),
         source,

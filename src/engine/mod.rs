@@ -79,7 +79,7 @@ pub trait Engine: Send + Sync {
 pub trait EngineQueue: Send {
     /// Queues `op`; its result is returned by a later [`reap`](Self::reap) with `tag`.
     fn submit(&mut self, tag: u64, op: Op);
-    /// Hands everything queued by `submit` to the kernel (one syscall per batch).
+    /// Hands everything queued by `submit` to the kernel (one syscall for all of it).
     fn commit(&mut self) {}
     /// Blocks until at least one in-flight op has completed (no-op for inline engines).
     fn wait(&mut self) {}
