@@ -55,7 +55,8 @@ all_workloads=(
     "disk-randwrite-qd32|disk|randwrite|4096|32|1|4k randwrite QD32, 1 queue, $BENCH_DIR (disk)"
     "disk-read128k-qd8|disk|read|131072|8|1|128k sequential read QD8, 1 queue, $BENCH_DIR (disk)"
 )
-FIO_WORKLOAD="disk-randread-qd32"
+# fio runs the same workload on the image directly: the disk's own limit, for every disk row.
+FIO_WORKLOADS="disk-randread-qd32 disk-randwrite-qd32 disk-read128k-qd8"
 
 say() { printf '%s\n' "$*" >&2; }
 die() {
@@ -343,7 +344,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
             [[ $b == *+poll* && ${w%%|*} != *-qd1 ]] && continue
             list+=("$b")
         done
-        [[ $FIO == 1 && ${w%%|*} == "$FIO_WORKLOAD" ]] && list+=(fio)
+        [[ $FIO == 1 && " $FIO_WORKLOADS " == *" ${w%%|*} "* ]] && list+=(fio)
         n=${#list[@]}
         for ((k = 0; k < n; k++)); do
             run_one "$w" "${list[$(((k + rep - 1) % n))]}" "$rep"

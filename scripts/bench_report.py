@@ -157,8 +157,10 @@ p("## Summary (median IOPS)")
 p("")
 hdr = ["workload"] + [backend_name(b) for b in peers]
 vublks = [b for b in peers if b.startswith("vublk-")]
-if "qsd" in peers:
-    hdr += [f"{backend_name(b)} / QSD" for b in vublks]
+# Ratios of every vublk variant to each reference backend that ran (fio only on disk workloads).
+refs = [(r, lbl) for r, lbl in (("qsd", "QSD"), ("ch", "CH"), ("fio", "fio")) if r in backends]
+for r, lbl in refs:
+    hdr += [f"{backend_name(b)} / {lbl}" for b in vublks]
 p("| " + " | ".join(hdr) + " |")
 p("|" + "---|" * len(hdr))
 for w, title in workloads.items():
@@ -166,8 +168,8 @@ for w, title in workloads.items():
     for b in peers:
         s = stats.get((w, b))
         cells.append(fmt(s and s["iops"]))
-    if "qsd" in peers:
-        q = stats.get((w, "qsd"))
+    for ref, _ in refs:
+        q = stats.get((w, ref))
         for b in vublks:
             s = stats.get((w, b))
             r = ratio(s and s["iops"], q and q["iops"])
@@ -180,9 +182,11 @@ for w, title in workloads.items():
     p(f"## {title}")
     p("")
     p("| backend | cache | runs | IOPS | IOPS min–max | MiB/s | p50 µs | p99 µs | backend cores "
-      "| IOPS / backend core | client cores | peak RSS MiB | IOPS vs QSD | IOPS/core vs QSD |")
-    p("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+      "| IOPS / backend core | client cores | peak RSS MiB | IOPS vs QSD | IOPS/core vs QSD |"
+      + (" IOPS vs CH | IOPS/core vs CH |" if "ch" in backends else ""))
+    p("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if "ch" in backends else ""))
     q = stats.get((w, "qsd"))
+    c = stats.get((w, "ch"))
     for b in backends:
         s = stats.get((w, b))
         if not s:
@@ -205,7 +209,12 @@ for w, title in workloads.items():
             fmt(rss, ".1f"),
             "1.00×" if b == "qsd" else (fmt(r_iops, ".2f") + ("×" if r_iops is not None else "")),
             "1.00×" if b == "qsd" else (fmt(r_core, ".2f") + ("×" if r_core is not None else "")),
-        ]) + " |")
+        ] + ([] if "ch" not in backends else [
+            fmt(ratio(s["iops"], c and c["iops"]) if b.startswith("vublk-") else None, ".2f")
+            + ("×" if b.startswith("vublk-") and c else ""),
+            fmt(ratio(s["iops_per_core"], c and c["iops_per_core"]) if b.startswith("vublk-") else None, ".2f")
+            + ("×" if b.startswith("vublk-") and c else ""),
+        ])) + " |")
     p("")
 
 # Automatic warnings
