@@ -112,6 +112,12 @@ p(f"- Date: {env('BENCH_STARTED', '?')} to {env('BENCH_FINISHED', '?')}; vublk `
 p(f"- Machine: {os.cpu_count()} CPUs ({cpu_model}), {mem_gib:.0f} GiB RAM, Linux "
   f"{platform.release()}; load average (1/5/15 min) {env('BENCH_LOAD', '?')}")
 p(f"- Peers: {env('BENCH_QSD_VERSION', '?')}; {env('BENCH_FIO_VERSION', '?')}")
+if "ch" in backends:
+    p(f"- cloud-hypervisor's backend: `{env('CH_BLOCK_BIN', '?')}` with its defaults "
+      "(`poll_queue=true`: it busy-polls the ring for 50 µs after each kick), "
+      "`direct=true` on disk and `false` on tmpfs. Debian has no cloud-hypervisor package and "
+      "github.com is out of reach here, so it was rebuilt from cloud-hypervisor's source; "
+      "[docs/ch-peer.md](docs/ch-peer.md) says which commit and what was trimmed.")
 p(f"- Each run: a fresh backend pinned to CPU {env('BENCH_CPU_BACKEND', '1')}, the client pinned "
   f"to CPU {env('BENCH_CPU_CLIENT', '0')}, {env('BENCH_RAMP', '?')} s warm-up then "
   f"{env('BENCH_RUNTIME', '?')} s measured; {env('BENCH_REPS', '?')} repetition(s), interleaved "
