@@ -264,15 +264,6 @@ fn spawn_signal_thread(set: libc::sigset_t, ctl: Arc<Control>) -> Result<(), Dae
         .map_err(DaemonError::Signals)
 }
 
-/// tmpfs and friends: O_DIRECT there only adds copies, so `auto` stays buffered.
-fn on_tmpfs(file: &std::fs::File) -> bool {
-    // SAFETY: statfs is plain data filled by the kernel for a valid fd.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a live statfs buffer.
-    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    r == 0 && st.f_type == libc::TMPFS_MAGIC
-}
-
 fn open_engine(cfg: &Config, image: &Image) -> Result<Arc<dyn Engine>, DaemonError> {
     let engine = open_engine_kind(cfg, image)?;
     #[cfg(feature = "fault-injection")]
@@ -293,7 +284,8 @@ fn open_engine_kind(cfg: &Config, image: &Image) -> Result<Box<dyn Engine>, Daem
     Ok(match cfg.engine {
         EngineKind::Sync => Box::new(SyncEngine::new(image)),
         EngineKind::Direct => Box::new(direct()?),
-        EngineKind::Auto if on_tmpfs(&image.file) => {
+        // tmpfs: O_DIRECT there only adds copies, so `auto` stays buffered.
+        EngineKind::Auto if crate::image::on_tmpfs(&image.file) => {
             info!("engine auto: image is on tmpfs, using the sync (page cache) engine");
             Box::new(SyncEngine::new(image))
         }

@@ -74,6 +74,15 @@ pub fn skip_atime(file: &File) {
     }
 }
 
+/// The file lives on tmpfs.
+pub fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: statfs is plain data filled by the kernel for a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a live statfs buffer.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 

@@ -10,6 +10,7 @@ pub mod aqueue;
 pub mod direct;
 #[cfg(feature = "fault-injection")]
 pub mod faulty;
+pub mod mapped;
 pub mod sync;
 
 use std::io;

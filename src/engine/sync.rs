@@ -1,12 +1,14 @@
 //! The sync engine: `preadv2`/`pwritev2` at an offset straight between guest memory and the
 //! image (zero copy), `fdatasync` for flush, `fallocate` for discard and write-zeroes. The file
-//! is shared by all queues without a lock: positional I/O needs none.
+//! is shared by all queues without a lock: positional I/O needs none. On tmpfs, reads of
+//! allocated pages come from a mapping of the image instead (see [`super::mapped`]).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use super::mapped::Mapped;
 use super::{Completion, Engine, EngineInfo, EngineQueue, Op};
 use crate::image::Image;
 
@@ -14,6 +16,7 @@ use crate::image::Image;
 const ZERO_CHUNK: usize = 1 << 20;
 
 pub struct SyncEngine {
+    mapped: Option<Arc<Mapped>>,
     file: Arc<File>,
     info: EngineInfo,
     zero_range: bool,
@@ -21,7 +24,13 @@ pub struct SyncEngine {
 
 impl SyncEngine {
     pub fn new(image: &Image) -> Self {
+        let regular = image.file.metadata().is_ok_and(|m| m.is_file());
+        let mapped = (regular && crate::image::on_tmpfs(&image.file))
+            .then(|| Mapped::open(&image.file))
+            .flatten()
+            .map(Arc::new);
         SyncEngine {
+            mapped,
             file: Arc::clone(&image.file),
             info: image.info.clone(),
             zero_range: image.zero_range,
@@ -40,6 +49,7 @@ impl Engine for SyncEngine {
 
     fn new_queue(&self) -> io::Result<Box<dyn EngineQueue>> {
         Ok(Box::new(SyncQueue {
+            mapped: self.mapped.clone(),
             file: Arc::clone(&self.file),
             zero_range: self.zero_range,
             done: Vec::new(),
@@ -52,6 +62,7 @@ impl Engine for SyncEngine {
 }
 
 struct SyncQueue {
+    mapped: Option<Arc<Mapped>>,
     file: Arc<File>,
     zero_range: bool,
     done: Vec<Completion>,
@@ -59,7 +70,10 @@ struct SyncQueue {
 
 impl EngineQueue for SyncQueue {
     fn submit(&mut self, tag: u64, op: Op) {
-        let result = execute(&self.file, self.zero_range, op);
+        let result = match &self.mapped {
+            Some(m) => execute_mapped(m, &self.file, self.zero_range, op),
+            None => execute(&self.file, self.zero_range, op),
+        };
         self.done.push(Completion { tag, result });
     }
 
@@ -70,6 +84,33 @@ impl EngineQueue for SyncQueue {
     fn in_flight(&self) -> usize {
         self.done.len()
     }
+}
+
+/// [`execute`], keeping the mapping's page map in step: reads of allocated pages come from the
+/// mapping, successful writes mark their pages, and pages about to be deallocated are dropped
+/// from it first.
+fn execute_mapped(m: &Mapped, file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
+    let written = match &op {
+        Op::Read { offset, bufs } => {
+            if let Some(r) = m.read(*offset, bufs.iovecs(), bufs.len()) {
+                return r;
+            }
+            None
+        }
+        Op::Write { offset, bufs, .. } => Some((*offset, bufs.len())),
+        Op::Discard { ranges } | Op::WriteZeroes { ranges, .. } => {
+            for &(off, len) in ranges {
+                m.forget(off, len);
+            }
+            None
+        }
+        Op::Flush => None,
+    };
+    let r = execute(file, zero_range, op);
+    if let (Ok(_), Some((off, len))) = (&r, written) {
+        m.mark(off, len);
+    }
+    r
 }
 
 pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> {

@@ -1,0 +1,303 @@
+//! Reads of an image on tmpfs straight from a shared, read-only mapping of it: a 4 KiB read
+//! becomes a memcpy instead of a `preadv2` (no syscall, no page-cache tree walk), about 1.7x
+//! the reads per core measured here. Writes still go through `pwritev2`.
+//!
+//! Two tmpfs facts shape it:
+//! - A read fault on a hole *allocates* the page (`read()` does not). A bitmap of the pages
+//!   known to be allocated (SEEK_DATA at start-up, then every successful write) sends only those
+//!   through the mapping; the rest use `preadv2`, so a sparse image stays sparse. Discards and
+//!   write-zeroes clear their pages first (clearing is always safe: it only means `preadv2`).
+//! - If someone truncates the image, touching the mapping past the new end raises SIGBUS. The
+//!   handler turns a fault inside the mapping into a page of zeros and a flag; the read that
+//!   hit it reports EIO and the mapping is not used again. Faults anywhere else keep the
+//!   default action.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use log::{info, warn};
+
+const PAGE: u64 = 4096;
+
+/// The one mapping the SIGBUS handler may repair (one image per daemon).
+static RANGE_START: AtomicUsize = AtomicUsize::new(0);
+static RANGE_END: AtomicUsize = AtomicUsize::new(0);
+static POISONED: AtomicBool = AtomicBool::new(false);
+static CLAIMED: AtomicBool = AtomicBool::new(false);
+static HANDLER: Once = Once::new();
+
+pub struct Mapped {
+    base: usize,
+    len: usize,
+    /// One bit per page: allocated in the file, so reading it through the mapping is safe.
+    pages: Vec<AtomicU64>,
+    warned: AtomicBool,
+}
+
+impl Mapped {
+    /// Maps `file` (already known to be a regular file on tmpfs) if it is not empty and no other
+    /// mapping is registered; `None` means "use preadv2", with the reason logged.
+    pub fn open(file: &File) -> Option<Mapped> {
+        let size = file.metadata().ok()?.len();
+        let len = usize::try_from(size).ok().filter(|&l| l > 0)?;
+        if CLAIMED.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let m = Self::map(file, size, len);
+        if m.is_none() {
+            CLAIMED.store(false, Ordering::Release);
+        }
+        m
+    }
+
+    fn map(file: &File, size: u64, len: usize) -> Option<Mapped> {
+        let pages = bitmap(file, size)
+            .map_err(|e| info!("image map: no extent map ({e}); reading with preadv2"))
+            .ok()?;
+        install_handler();
+        // SAFETY: a fresh read-only shared mapping of a file we keep open; nothing else
+        // refers to the returned range until it is registered below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            info!(
+                "image map: mmap failed ({}); reading with preadv2",
+                io::Error::last_os_error()
+            );
+            return None;
+        }
+        let base = p as usize;
+        RANGE_START.store(base, Ordering::Release);
+        RANGE_END.store(base + len, Ordering::Release);
+        let m = Mapped {
+            base,
+            len,
+            pages,
+            warned: AtomicBool::new(false),
+        };
+        let n = m
+            .pages
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum::<u64>();
+        info!(
+            "sync engine: reading through a mapping of the image (tmpfs); {n} of {} pages \
+             allocated",
+            size.div_ceil(PAGE)
+        );
+        Some(m)
+    }
+
+    fn page_range(&self, off: u64, len: u64) -> Option<(u64, u64)> {
+        let end = off.checked_add(len)?;
+        (len > 0 && end <= self.len as u64).then(|| (off / PAGE, end.div_ceil(PAGE)))
+    }
+
+    fn bit(&self, page: u64) -> Option<(&AtomicU64, u64)> {
+        let w = self.pages.get(usize::try_from(page / 64).ok()?)?;
+        Some((w, 1u64 << (page % 64)))
+    }
+
+    /// Every page of the range is allocated (and inside the mapping).
+    fn covers(&self, off: u64, len: u64) -> bool {
+        let Some((first, end)) = self.page_range(off, len) else {
+            return false;
+        };
+        (first..end).all(|p| {
+            self.bit(p)
+                .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
+        })
+    }
+
+    /// A write covering the range succeeded: its pages are allocated now.
+    pub fn mark(&self, off: u64, len: u64) {
+        if let Some((first, end)) = self.page_range(off, len) {
+            for p in first..end {
+                if let Some((w, b)) = self.bit(p) {
+                    w.fetch_or(b, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// The range may be deallocated: stop reading any page it touches through the mapping.
+    pub fn forget(&self, off: u64, len: u64) {
+        let end = off.saturating_add(len).min(self.len as u64);
+        if off >= end {
+            return;
+        }
+        for p in off / PAGE..end.div_ceil(PAGE) {
+            if let Some((w, b)) = self.bit(p) {
+                w.fetch_and(!b, Ordering::Release);
+            }
+        }
+    }
+
+    /// Copies `[off, off + total)` into `iov` if the mapping can serve it; `None`: use preadv2.
+    pub fn read(&self, off: u64, iov: &[libc::iovec], total: u64) -> Option<io::Result<u64>> {
+        if POISONED.load(Ordering::Acquire) || !self.covers(off, total) {
+            return None;
+        }
+        let mut src = self.base + off as usize;
+        for v in iov {
+            // SAFETY: `covers` checked `[off, off + total)` lies inside our live mapping and
+            // the iovecs (guest memory pinned by the caller's `GuestIoVecs`) add up to `total`.
+            // Both sides are shared memory that others may change concurrently, as with
+            // preadv2; a fault in the source is repaired by the SIGBUS handler.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, v.iov_base.cast::<u8>(), v.iov_len)
+            };
+            src += v.iov_len;
+        }
+        if POISONED.load(Ordering::Acquire) {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "image changed under its mapping (truncated?): failing the read, and \
+                     reading with preadv2 from now on"
+                );
+            }
+            return Some(Err(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        Some(Ok(total))
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        RANGE_END.store(0, Ordering::Release);
+        RANGE_START.store(0, Ordering::Release);
+        // SAFETY: our own mapping, no longer registered; no read is in flight (the engine
+        // and its queues are being dropped).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        CLAIMED.store(false, Ordering::Release);
+    }
+}
+
+/// Allocated pages of `file`, from SEEK_DATA/SEEK_HOLE.
+fn bitmap(file: &File, size: u64) -> io::Result<Vec<AtomicU64>> {
+    let pages = size.div_ceil(PAGE);
+    let words = usize::try_from(pages.div_ceil(64)).map_err(|_| io::ErrorKind::OutOfMemory)?;
+    let map: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
+    let fd = file.as_raw_fd();
+    let mut pos: i64 = 0;
+    let size_i = i64::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
+    while pos < size_i {
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (d, h) = (data as u64, (hole as u64).min(size));
+        for p in d / PAGE..h.div_ceil(PAGE) {
+            if let Some(w) = map.get((p / 64) as usize) {
+                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+        }
+        if hole <= data {
+            break;
+        }
+        pos = hole;
+    }
+    Ok(map)
+}
+
+fn install_handler() {
+    HANDLER.call_once(|| {
+        // SAFETY: sigaction is plain data; the handler only does async-signal-safe work
+        // (atomics and mmap).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+                warn!(
+                    "cannot install the SIGBUS guard: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let (start, end) = (
+        RANGE_START.load(Ordering::Acquire),
+        RANGE_END.load(Ordering::Acquire),
+    );
+    if addr >= start && addr < end {
+        let page = addr & !(PAGE as usize - 1);
+        // SAFETY: replaces one page of our own read-only image mapping with a private zero
+        // page, so the faulting copy can finish; the flag makes its read fail.
+        let p = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                PAGE as usize,
+                libc::PROT_READ,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            POISONED.store(true, Ordering::Release);
+            return;
+        }
+    }
+    // Not ours (or the repair failed): restore the default action; the access faults again
+    // and the process ends as it would have without this handler.
+    // SAFETY: signal() with SIG_DFL is async-signal-safe.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn bitmap_has_exactly_the_written_pages() {
+        let dir = std::path::Path::new("/dev/shm");
+        if !dir.is_dir() {
+            return;
+        }
+        let path = dir.join(format!("vublk-map-test-{}", std::process::id()));
+        let f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(64 * PAGE).unwrap();
+        f.write_all_at(&[1u8; 4096], 3 * PAGE).unwrap();
+        f.write_all_at(&[2u8; 10], 10 * PAGE + 5).unwrap();
+        let map = bitmap(&f, 64 * PAGE).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let word = map[0].load(Ordering::Relaxed);
+        let set: Vec<u64> = (0..64).filter(|p| word & (1 << p) != 0).collect();
+        assert_eq!(set, vec![3, 10]);
+    }
+}

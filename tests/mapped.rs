@@ -1,0 +1,172 @@
+//! The sync engine's mapped reads on tmpfs (src/engine/mapped.rs), through the real daemon and
+//! libblkio: data stays right, a sparse image stays sparse (a fault on a hole would allocate
+//! it), discarded pages stay deallocated, and truncating the image under a running daemon
+//! fails reads with an error instead of killing it with SIGBUS.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// An image file on /dev/shm (tmpfs), removed on drop. `None` where there is no /dev/shm.
+struct ShmImage(PathBuf);
+
+impl ShmImage {
+    fn new(tag: &str) -> Option<ShmImage> {
+        let dir = Path::new("/dev/shm");
+        if !dir.is_dir() {
+            eprintln!("skipping: no /dev/shm");
+            return None;
+        }
+        Some(ShmImage(dir.join(format!(
+            "vublk-it-map-{}-{tag}.img",
+            std::process::id()
+        ))))
+    }
+
+    fn allocated(&self) -> u64 {
+        std::fs::metadata(&self.0).unwrap().blocks() * 512
+    }
+}
+
+impl Drop for ShmImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start(dir: &TestDir, img: &Path) -> (Daemon, Client) {
+    let d = Daemon::start(dir, img, &["--engine", "sync"]);
+    let c = Client::connect(d.socket.as_ref().unwrap());
+    let log = d.stderr();
+    assert!(
+        log.contains("reading through a mapping of the image"),
+        "the sync engine must map an image on tmpfs:\n{log}"
+    );
+    (d, c)
+}
+
+#[test]
+fn reads_match_the_file_and_a_sparse_image_stays_sparse() {
+    let Some(shm) = ShmImage::new("sparse") else {
+        return;
+    };
+    let dir = TestDir::new("map-sparse");
+    let img = create_image(&shm.0, 32 * MIB);
+    let (_d, mut c) = start(&dir, &img);
+
+    // Written data reads back (pages written after start-up join the page map).
+    let data = pattern(7, (MIB + 4096) as usize);
+    c.write_data(0, 8 * MIB + 512, &data);
+    for _ in 0..2 {
+        let back = c.read_data(0, 8 * MIB + 512, data.len());
+        assert_bytes_eq(&back, &data, "written range");
+    }
+    let before = shm.allocated();
+
+    // Reading the whole device (mostly holes) must not allocate it.
+    let file = std::fs::read(&img).unwrap();
+    for off in (0..32 * MIB).step_by(MIB as usize) {
+        let got = c.read_data(0, off, MIB as usize);
+        let want = &file[off as usize..(off + MIB) as usize];
+        assert_bytes_eq(&got, want, &format!("device at {off}"));
+    }
+    let after = shm.allocated();
+    assert!(
+        after <= before,
+        "reading holes allocated the image: {before} -> {after} bytes"
+    );
+    assert!(
+        after < 2 * MIB + 64 * 1024,
+        "only the written pages are allocated: {after}"
+    );
+}
+
+#[test]
+fn discarded_pages_read_as_zeros_and_stay_deallocated() {
+    let Some(shm) = ShmImage::new("discard") else {
+        return;
+    };
+    let dir = TestDir::new("map-discard");
+    let img = create_image_random(&shm.0, 16 * MIB, 3);
+    let (_d, mut c) = start(&dir, &img);
+    let full = shm.allocated();
+
+    // Read through the mapping first, so the pages are known to it.
+    let want = std::fs::read(&img).unwrap();
+    let got = c.read_data(0, 4 * MIB, 4 * MIB as usize);
+    assert_bytes_eq(
+        &got,
+        &want[4 * MIB as usize..8 * MIB as usize],
+        "before discard",
+    );
+
+    c.q(0)
+        .discard(4 * MIB, 4 * MIB)
+        .unwrap_or_else(|e| panic!("discard: {e}"));
+    let freed = shm.allocated();
+    assert!(
+        freed + 4 * MIB <= full,
+        "discard freed nothing: {full} -> {freed}"
+    );
+    let got = c.read_data(0, 4 * MIB, 4 * MIB as usize);
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "discarded range must read as zeros"
+    );
+    assert_eq!(
+        shm.allocated(),
+        freed,
+        "reading discarded pages allocated them again"
+    );
+    // The rest is untouched.
+    let got = c.read_data(0, 8 * MIB, MIB as usize);
+    assert_bytes_eq(
+        &got,
+        &want[8 * MIB as usize..9 * MIB as usize],
+        "after discard",
+    );
+}
+
+#[test]
+fn truncating_the_image_under_the_daemon_fails_reads_instead_of_crashing() {
+    let Some(shm) = ShmImage::new("trunc") else {
+        return;
+    };
+    let dir = TestDir::new("map-trunc");
+    let img = create_image_random(&shm.0, 16 * MIB, 5);
+    let want = std::fs::read(&img).unwrap();
+    let (d, mut c) = start(&dir, &img);
+    let got = c.read_data(0, 12 * MIB, 4096);
+    assert_bytes_eq(
+        &got,
+        &want[12 * MIB as usize..][..4096],
+        "before truncation",
+    );
+
+    // Someone on the host shrinks the image: the mapping past 8 MiB is gone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let r = c.q(0).read(12 * MIB, 0, 4096);
+    assert!(r.is_err(), "a read past the new end must fail");
+    assert!(d.is_alive(), "the daemon must survive the fault");
+    assert!(
+        d.stderr().contains("image changed under its mapping"),
+        "the fault must be logged:\n{}",
+        d.stderr()
+    );
+    // What is left still reads correctly (now through preadv2).
+    let got = c.read_data(0, MIB, 64 * 1024);
+    assert_bytes_eq(&got, &want[MIB as usize..][..64 * 1024], "after truncation");
+    assert!(
+        c.q(0).read(12 * MIB, 0, 4096).is_err(),
+        "still past the end"
+    );
+    assert!(d.is_alive());
+}
