@@ -13,7 +13,7 @@
 //! drains what is in flight and prints one JSON line: IOPS, MiB/s, latency percentiles from a
 //! log-linear histogram (≤ 1.6 % bucket error), the client's own CPU use, and — with
 //! `--backend-pid` — the backend's CPU use ((utime+stime) from /proc/PID/stat, sampled exactly at
-//! the window's edges) and its peak RSS (VmHWM).
+//! the window's edges), its peak RSS (VmHWM) and its private RSS at the end (RssAnon).
 //!
 //! ```sh
 //! cargo run --release --example bench_client -- --path /tmp/vublk.sock --rw randread \
@@ -571,9 +571,12 @@ fn run(a: &Args) -> Result<String, String> {
             _ => "null".into(),
         };
         let hwm = proc_status_kib(pid, "VmHWM").map_or("null".into(), |v| v.to_string());
+        // Private memory now; VmHWM also counts file pages the backend maps (an image on tmpfs).
+        let anon = proc_status_kib(pid, "RssAnon").map_or("null".into(), |v| v.to_string());
         write!(
             out,
-            ",\"backend_pid\":{pid},\"backend_cpu\":{cpu},\"backend_hwm_kib\":{hwm}"
+            ",\"backend_pid\":{pid},\"backend_cpu\":{cpu},\"backend_hwm_kib\":{hwm},\
+             \"backend_anon_kib\":{anon}"
         )
         .unwrap();
     }

@@ -256,7 +256,7 @@ print(json.dumps({
     "lat_p999_us": round(pct.get("99.900000", 0) / 1000, 2),
     "lat_max_us": round(s["lat_ns"]["max"] / 1000, 2), "errors": j["error"],
     "client_cpu": round((j["usr_cpu"] + j["sys_cpu"]) / 100, 3),
-    "backend_cpu": None, "backend_hwm_kib": None,
+    "backend_cpu": None, "backend_hwm_kib": None, "backend_anon_kib": None,
 }))
 EOF
         cache="O_DIRECT"

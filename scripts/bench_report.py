@@ -70,7 +70,8 @@ for w in workloads:
         if not rs:
             continue
         s = {k: med(rs, k) for k in ("iops", "mib_s", "lat_p50_us", "lat_p99_us",
-                                     "backend_cpu", "client_cpu", "backend_hwm_kib")}
+                                     "backend_cpu", "client_cpu", "backend_hwm_kib",
+                                     "backend_anon_kib")}
         s["runs"] = len(rs)
         s["iops_min"] = min(r["iops"] for r in rs)
         s["iops_max"] = max(r["iops"] for r in rs)
@@ -146,8 +147,10 @@ if paged:
       "(`ENGINES=\"sync direct\"`) is the like-for-like comparison.")
 p("- Backend cores: the backend's (utime+stime) from `/proc/PID/stat`, sampled by the client at "
   "the start and end of the measured window, divided by the window's length (all threads, "
-  "including io_uring workers). Peak RSS: `VmHWM` at the end of the run (includes the client's "
-  "shared buffer pages the backend touched). Client cores: the client's own getrusage over the "
+  "including io_uring workers). Peak RSS: `VmHWM` at the end of the run. It includes shared pages the backend "
+  "touched: the client's buffers, and for vublk on tmpfs the image pages it reads through its "
+  "mapping of the image (page cache that exists anyway, not memory vublk allocates). Private "
+  "RSS: `RssAnon` at the end of the run, the backend's own memory. Client cores: the client's own getrusage over the "
   "same window; the client is single-threaded, so near 1.0 means the client, not the backend, "
   "was the limit.")
 p("- Latency: per request, from queueing in libblkio to reaping the completion, in a log-linear "
@@ -188,9 +191,10 @@ for w, title in workloads.items():
     p(f"## {title}")
     p("")
     p("| backend | cache | runs | IOPS | IOPS min–max | MiB/s | p50 µs | p99 µs | backend cores "
-      "| IOPS / backend core | client cores | peak RSS MiB | IOPS vs QSD | IOPS/core vs QSD |"
+      "| IOPS / backend core | client cores | peak RSS MiB | private RSS MiB | IOPS vs QSD "
+      "| IOPS/core vs QSD |"
       + (" IOPS vs CH | IOPS/core vs CH |" if "ch" in backends else ""))
-    p("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if "ch" in backends else ""))
+    p("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if "ch" in backends else ""))
     q = stats.get((w, "qsd"))
     c = stats.get((w, "ch"))
     for b in backends:
@@ -200,6 +204,7 @@ for w, title in workloads.items():
         r_iops = ratio(s["iops"], q and q["iops"]) if b not in ("qsd", "fio") else None
         r_core = ratio(s["iops_per_core"], q and q["iops_per_core"]) if b not in ("qsd", "fio") else None
         rss = s["backend_hwm_kib"] / 1024 if s["backend_hwm_kib"] is not None else None
+        anon = s["backend_anon_kib"] / 1024 if s["backend_anon_kib"] is not None else None
         p("| " + " | ".join([
             backend_name(b) + (f" ({s['errors']} errors!)" if s["errors"] else ""),
             s["cache"],
@@ -213,6 +218,7 @@ for w, title in workloads.items():
             fmt(s["iops_per_core"]),
             fmt(s["client_cpu"], ".2f"),
             fmt(rss, ".1f"),
+            fmt(anon, ".1f"),
             "1.00×" if b == "qsd" else (fmt(r_iops, ".2f") + ("×" if r_iops is not None else "")),
             "1.00×" if b == "qsd" else (fmt(r_core, ".2f") + ("×" if r_core is not None else "")),
         ] + ([] if "ch" not in backends else [
