@@ -27,6 +27,11 @@ static RANGE_START: AtomicUsize = AtomicUsize::new(0);
 static RANGE_END: AtomicUsize = AtomicUsize::new(0);
 static POISONED: AtomicBool = AtomicBool::new(false);
 static CLAIMED: AtomicBool = AtomicBool::new(false);
+/// The system page size, for the handler's repair (4 KiB unless the kernel says otherwise).
+static SYS_PAGE: AtomicUsize = AtomicUsize::new(4096);
+
+/// Larger images are read with preadv2: the page map costs 1 bit per 4 KiB (32 MiB per TiB).
+const MAX_MAPPED: u64 = 1 << 40;
 static HANDLER: Once = Once::new();
 
 pub struct Mapped {
@@ -42,6 +47,10 @@ impl Mapped {
     /// mapping is registered; `None` means "use preadv2", with the reason logged.
     pub fn open(file: &File) -> Option<Mapped> {
         let size = file.metadata().ok()?.len();
+        if size > MAX_MAPPED {
+            info!("image is over 1 TiB: reading with preadv2, not through a mapping");
+            return None;
+        }
         let len = usize::try_from(size).ok().filter(|&l| l > 0)?;
         if CLAIMED.swap(true, Ordering::AcqRel) {
             return None;
@@ -223,6 +232,13 @@ fn bitmap(file: &File, size: u64) -> io::Result<Vec<AtomicU64>> {
 
 fn install_handler() {
     HANDLER.call_once(|| {
+        // SAFETY: sysconf has no memory effects.
+        let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(ps) = usize::try_from(ps)
+            && ps.is_power_of_two()
+        {
+            SYS_PAGE.store(ps, Ordering::Relaxed);
+        }
         // SAFETY: sigaction is plain data; the handler only does async-signal-safe work
         // (atomics and mmap).
         unsafe {
@@ -248,13 +264,14 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         RANGE_END.load(Ordering::Acquire),
     );
     if addr >= start && addr < end {
-        let page = addr & !(PAGE as usize - 1);
+        let ps = SYS_PAGE.load(Ordering::Relaxed);
+        let page = addr & !(ps - 1);
         // SAFETY: replaces one page of our own read-only image mapping with a private zero
         // page, so the faulting copy can finish; the flag makes its read fail.
         let p = unsafe {
             libc::mmap(
                 page as *mut libc::c_void,
-                PAGE as usize,
+                ps,
                 libc::PROT_READ,
                 libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
