@@ -37,6 +37,14 @@ impl Drop for ShmImage {
     }
 }
 
+/// A 16 MiB image of random data on tmpfs, with its test dir; `None` without /dev/shm.
+fn random_image(tag: &str, seed: u64) -> Option<(ShmImage, TestDir, PathBuf)> {
+    let shm = ShmImage::new(tag)?;
+    let dir = TestDir::new(&format!("map-{tag}"));
+    let img = create_image_random(&shm.0, 16 * MIB, seed);
+    Some((shm, dir, img))
+}
+
 fn start(dir: &TestDir, img: &Path) -> (Daemon, Client) {
     let d = Daemon::start(dir, img, &["--engine", "sync"]);
     let c = Client::connect(d.socket.as_ref().unwrap());
@@ -86,11 +94,9 @@ fn reads_match_the_file_and_a_sparse_image_stays_sparse() {
 
 #[test]
 fn discarded_pages_read_as_zeros_and_stay_deallocated() {
-    let Some(shm) = ShmImage::new("discard") else {
+    let Some((shm, dir, img)) = random_image("discard", 3) else {
         return;
     };
-    let dir = TestDir::new("map-discard");
-    let img = create_image_random(&shm.0, 16 * MIB, 3);
     let (_d, mut c) = start(&dir, &img);
     let full = shm.allocated();
 
@@ -132,11 +138,9 @@ fn discarded_pages_read_as_zeros_and_stay_deallocated() {
 
 #[test]
 fn truncating_the_image_under_the_daemon_fails_reads_instead_of_crashing() {
-    let Some(shm) = ShmImage::new("trunc") else {
+    let Some((_shm, dir, img)) = random_image("trunc", 5) else {
         return;
     };
-    let dir = TestDir::new("map-trunc");
-    let img = create_image_random(&shm.0, 16 * MIB, 5);
     let want = std::fs::read(&img).unwrap();
     let (d, mut c) = start(&dir, &img);
     let got = c.read_data(0, 12 * MIB, 4096);
