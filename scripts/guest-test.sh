@@ -5,7 +5,8 @@
 # everything back, and powers off. The host then checks the pattern in the image file, that the
 # backend outlived the guest, and that SIGTERM makes it exit 0 and remove its socket.
 # Environment: BACKEND, ENGINE, VUBLK_BIN, VUBLK_ARGS (see lib.sh); SIZE (image, default 256M);
-# TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir; LOOP_SECTOR=4096 serves the
+# TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir; IMG_DIR (default /tmp) holds
+# it and the image (/dev/shm: the sync engine's mapped reads); LOOP_SECTOR=4096 serves the
 # image through a loop device with that sector size (a 4 KiB-aligned O_DIRECT target under a
 # 512-byte-sector guest: the direct engine's read-modify-write path).
 # With vublk the guest's second boot also checks online resize: when it says so, the host grows
@@ -21,7 +22,7 @@ QUEUES=2 # the guest has 2 vCPUs and uses min(queues, vCPUs) queues
 "$root/scripts/install-deps.sh"
 "$root/scripts/mkinitramfs.sh"
 
-tmp=$(mktemp -d /tmp/vublk-guest.XXXXXX)
+tmp=$(mktemp -d "${IMG_DIR:-/tmp}/vublk-guest.XXXXXX")
 img=$tmp/disk.img sock=$tmp/blk.sock log=$tmp/console.log blog=$tmp/backend.log
 backend_pid='' qemu_pid='' loopdev=''
 cleanup() {
@@ -127,6 +128,10 @@ if cmp -n 1048576 -i "$pat_off:0" "$img" "$tmp/extra/pattern.bin"; then ok patte
 # The guest's wce=0 must have reached vublk (SET_CONFIG); qsd does not log it.
 if [[ $BACKEND == vublk ]]; then
     if grep -q 'write cache off' "$blog"; then ok wce-set-config; else bad wce-set-config "no SET_CONFIG wce=0 in the log"; fi
+    # On tmpfs the sync engine must have read through its mapping of the image.
+    if [[ ${IMG_DIR:-/tmp} == /dev/shm* && $ENGINE == sync ]]; then
+        if grep -q 'reading through a mapping of the image' "$blog"; then ok mapped-reads; else bad mapped-reads "no mapping in the log"; fi
+    fi
 fi
 
 # The backend must outlive its frontend, then stop cleanly on SIGTERM.
