@@ -132,24 +132,15 @@ impl Mapped {
     /// A write covering the range succeeded: its pages are allocated now.
     pub fn mark(&self, off: u64, len: u64) {
         if let Some((first, end)) = self.page_range(off, len) {
-            for p in first..end {
-                if let Some((w, b)) = self.bit(p) {
-                    w.fetch_or(b, Ordering::Release);
-                }
-            }
+            set_pages(&self.pages, first, end, true);
         }
     }
 
     /// The range may be deallocated: stop reading any page it touches through the mapping.
     pub fn forget(&self, off: u64, len: u64) {
         let end = off.saturating_add(len).min(self.len as u64);
-        if off >= end {
-            return;
-        }
-        for p in off / PAGE..end.div_ceil(PAGE) {
-            if let Some((w, b)) = self.bit(p) {
-                w.fetch_and(!b, Ordering::Release);
-            }
+        if off < end {
+            set_pages(&self.pages, off / PAGE, end.div_ceil(PAGE), false);
         }
     }
 
@@ -193,6 +184,21 @@ impl Drop for Mapped {
     }
 }
 
+/// Sets or clears the bits of pages `first..end` (pages past the map are ignored).
+fn set_pages(map: &[AtomicU64], first: u64, end: u64, on: bool) {
+    for p in first..end {
+        let Some(w) = usize::try_from(p / 64).ok().and_then(|i| map.get(i)) else {
+            return;
+        };
+        let b = 1u64 << (p % 64);
+        if on {
+            w.fetch_or(b, Ordering::Release);
+        } else {
+            w.fetch_and(!b, Ordering::Release);
+        }
+    }
+}
+
 /// Allocated pages of `file`, from SEEK_DATA/SEEK_HOLE.
 fn bitmap(file: &File, size: u64) -> io::Result<Vec<AtomicU64>> {
     let pages = size.div_ceil(PAGE);
@@ -217,11 +223,7 @@ fn bitmap(file: &File, size: u64) -> io::Result<Vec<AtomicU64>> {
             return Err(io::Error::last_os_error());
         }
         let (d, h) = (data as u64, (hole as u64).min(size));
-        for p in d / PAGE..h.div_ceil(PAGE) {
-            if let Some(w) = map.get((p / 64) as usize) {
-                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
-            }
-        }
+        set_pages(&map, d / PAGE, h.div_ceil(PAGE), true);
         if hole <= data {
             break;
         }
