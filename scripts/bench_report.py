@@ -86,6 +86,10 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def fmt_ratio(r):
+    return fmt(r, ".2f") + ("×" if r is not None else "")
+
+
 out = []
 p = out.append
 p("# Benchmarks")
@@ -181,8 +185,7 @@ for w, title in workloads.items():
         q = stats.get((w, ref))
         for b in vublks:
             s = stats.get((w, b))
-            r = ratio(s and s["iops"], q and q["iops"])
-            cells.append(fmt(r, ".2f") + ("×" if r is not None else ""))
+            cells.append(fmt_ratio(ratio(s and s["iops"], q and q["iops"])))
     p("| " + " | ".join(cells) + " |")
 p("")
 
@@ -219,13 +222,12 @@ for w, title in workloads.items():
             fmt(s["client_cpu"], ".2f"),
             fmt(rss, ".1f"),
             fmt(anon, ".1f"),
-            "1.00×" if b == "qsd" else (fmt(r_iops, ".2f") + ("×" if r_iops is not None else "")),
-            "1.00×" if b == "qsd" else (fmt(r_core, ".2f") + ("×" if r_core is not None else "")),
+            "1.00×" if b == "qsd" else fmt_ratio(r_iops),
+            "1.00×" if b == "qsd" else fmt_ratio(r_core),
         ] + ([] if "ch" not in backends else [
-            fmt(ratio(s["iops"], c and c["iops"]) if b.startswith("vublk-") else None, ".2f")
-            + ("×" if b.startswith("vublk-") and c else ""),
-            fmt(ratio(s["iops_per_core"], c and c["iops_per_core"]) if b.startswith("vublk-") else None, ".2f")
-            + ("×" if b.startswith("vublk-") and c else ""),
+            fmt_ratio(ratio(s["iops"], c and c["iops"]) if b.startswith("vublk-") else None),
+            fmt_ratio(ratio(s["iops_per_core"], c and c["iops_per_core"])
+                      if b.startswith("vublk-") else None),
         ])) + " |")
     p("")
 
