@@ -128,9 +128,9 @@ if cmp -n 1048576 -i "$pat_off:0" "$img" "$tmp/extra/pattern.bin"; then ok patte
 # The guest's wce=0 must have reached vublk (SET_CONFIG); qsd does not log it.
 if [[ $BACKEND == vublk ]]; then
     if grep -q 'write cache off' "$blog"; then ok wce-set-config; else bad wce-set-config "no SET_CONFIG wce=0 in the log"; fi
-    # On tmpfs the sync engine must have read through its mapping of the image.
+    # On tmpfs the sync engine must have served I/O through its mapping of the image.
     if [[ ${IMG_DIR:-/tmp} == /dev/shm* && $ENGINE == sync ]]; then
-        if grep -q 'reading through a mapping of the image' "$blog"; then ok mapped-reads; else bad mapped-reads "no mapping in the log"; fi
+        if grep -q 'reading and writing through a mapping of the image' "$blog"; then ok mapped-io; else bad mapped-io "no mapping in the log"; fi
     fi
 fi
 

@@ -39,7 +39,7 @@ VUBLK_BIN=target/release/vublk scripts/systemd-e2e.sh
 # stock vhost-user-blk-pci starts against vublk without extra flags.
 step "guest-test engine=sync, default queue counts"
 BACKEND=vublk ENGINE=sync DEFAULT_QUEUES=1 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
-step "guest-test engine=sync on tmpfs (reads through the image mapping)"
+step "guest-test engine=sync on tmpfs (I/O through the image mapping)"
 BACKEND=vublk ENGINE=sync IMG_DIR=/dev/shm VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 step "guest-test engine=direct"
 BACKEND=vublk ENGINE=direct VUBLK_BIN=target/release/vublk scripts/guest-test.sh

@@ -1,7 +1,8 @@
-//! The sync engine's mapped reads on tmpfs (src/engine/mapped.rs), through the real daemon and
-//! libblkio: data stays right, a sparse image stays sparse (a fault on a hole would allocate
-//! it), discarded pages stay deallocated, and truncating the image under a running daemon
-//! fails reads with an error instead of killing it with SIGBUS.
+//! The sync engine's mapped reads and writes on tmpfs (src/engine/mapped.rs), through the real
+//! daemon and libblkio: data stays right in both directions, a sparse image stays sparse (a
+//! fault on a hole would allocate it), discarded pages stay deallocated, and truncating the
+//! image under a running daemon fails reads and writes with an error instead of killing it
+//! with SIGBUS.
 
 mod common;
 
@@ -50,7 +51,7 @@ fn start(dir: &TestDir, img: &Path) -> (Daemon, Client) {
     let c = Client::connect(d.socket.as_ref().unwrap());
     let log = d.stderr();
     assert!(
-        log.contains("reading through a mapping of the image"),
+        log.contains("reading and writing through a mapping of the image"),
         "the sync engine must map an image on tmpfs:\n{log}"
     );
     (d, c)
@@ -171,6 +172,88 @@ fn truncating_the_image_under_the_daemon_fails_reads_instead_of_crashing() {
     assert!(
         c.q(0).read(12 * MIB, 0, 4096).is_err(),
         "still past the end"
+    );
+    assert!(d.is_alive());
+}
+
+#[test]
+fn writes_through_the_mapping_reach_the_file() {
+    let Some((shm, dir, img)) = random_image("write", 9) else {
+        return;
+    };
+    let mut want = std::fs::read(&img).unwrap();
+    let (_d, mut c) = start(&dir, &img);
+    let full = shm.allocated();
+
+    // Whole pages, a lone sector, a write straddling a page boundary, and the last page:
+    // every byte must land in the file, and nothing else may change.
+    let writes: [(u64, usize); 4] = [
+        (3 * MIB, 64 * 1024),
+        (5 * MIB + 512, 512),
+        (7 * MIB + 4096 - 1024, 3072),
+        (16 * MIB - 4096, 4096),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let data = pattern(40 + i as u64, len);
+        c.write_data(0, off, &data);
+        want[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    let file = std::fs::read(&img).unwrap();
+    assert_bytes_eq(&file, &want, "image file after writes");
+    for off in (0..16 * MIB).step_by(MIB as usize) {
+        let dev = c.read_data(0, off, MIB as usize);
+        let w = &want[off as usize..(off + MIB) as usize];
+        assert_bytes_eq(&dev, w, &format!("device at {off} after writes"));
+    }
+    assert_eq!(
+        shm.allocated(),
+        full,
+        "overwrites must not change allocation"
+    );
+}
+
+#[test]
+fn truncating_the_image_under_the_daemon_fails_writes_instead_of_crashing() {
+    let Some((_shm, dir, img)) = random_image("trunc-w", 11) else {
+        return;
+    };
+    let want = std::fs::read(&img).unwrap();
+    let (d, mut c) = start(&dir, &img);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+
+    // pwritev2 would quietly extend the file here; through the mapping the page is gone.
+    c.buf(0, 4096).fill(0xab);
+    let r = c.q(0).write(12 * MIB, 0, 4096, blkio::ReqFlags::empty());
+    assert!(r.is_err(), "a write past the new end must fail");
+    assert!(d.is_alive(), "the daemon must survive the fault");
+    assert!(
+        d.stderr().contains("image changed under its mapping"),
+        "the fault must be logged:\n{}",
+        d.stderr()
+    );
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        8 * MIB,
+        "the failed write must not reach the file"
+    );
+    // The rest is still served (now by preadv2/pwritev2).
+    let data = pattern(77, 8192);
+    c.write_data(0, MIB, &data);
+    let file = std::fs::read(&img).unwrap();
+    assert_bytes_eq(
+        &file[MIB as usize..][..8192],
+        &data,
+        "write after truncation",
+    );
+    assert_bytes_eq(
+        &file[2 * MIB as usize..][..4096],
+        &want[2 * MIB as usize..][..4096],
+        "untouched data",
     );
     assert!(d.is_alive());
 }

@@ -1,7 +1,7 @@
 //! The sync engine: `preadv2`/`pwritev2` at an offset straight between guest memory and the
 //! image (zero copy), `fdatasync` for flush, `fallocate` for discard and write-zeroes. The file
-//! is shared by all queues without a lock: positional I/O needs none. On tmpfs, reads of
-//! allocated pages come from a mapping of the image instead (see [`super::mapped`]).
+//! is shared by all queues without a lock: positional I/O needs none. On tmpfs, reads and
+//! writes of allocated pages go through a mapping of the image instead (see [`super::mapped`]).
 
 use std::fs::File;
 use std::io;
@@ -86,9 +86,10 @@ impl EngineQueue for SyncQueue {
     }
 }
 
-/// [`execute`], keeping the mapping's page map in step: reads of allocated pages come from the
-/// mapping, successful writes mark their pages, and pages about to be deallocated are dropped
-/// from it first.
+/// [`execute`], keeping the mapping's page map in step: reads and writes of allocated pages go
+/// through the mapping, successful syscall writes mark their pages, and pages about to be
+/// deallocated are dropped from it first. FUA writes keep `pwritev2` with RWF_DSYNC: rare, and
+/// the flag's meaning stays the kernel's.
 fn execute_mapped(m: &Mapped, file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
     let written = match &op {
         Op::Read { offset, bufs } => {
@@ -97,7 +98,12 @@ fn execute_mapped(m: &Mapped, file: &File, zero_range: bool, op: Op) -> io::Resu
             }
             None
         }
-        Op::Write { offset, bufs, .. } => Some((*offset, bufs.len())),
+        Op::Write { offset, bufs, fua } => {
+            if !*fua && let Some(r) = m.write(*offset, bufs.iovecs(), bufs.len()) {
+                return r;
+            }
+            Some((*offset, bufs.len()))
+        }
         Op::Discard { ranges } | Op::WriteZeroes { ranges, .. } => {
             for &(off, len) in ranges {
                 m.forget(off, len);
