@@ -147,9 +147,11 @@ impl VhuBlk {
     fn kick_ctx(&self) -> KickCtx {
         let acked = self.inner.acked_features.load(Ordering::Acquire);
         let flush = acked & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         KickCtx {
-            event_idx: self.inner.event_idx.load(Ordering::Acquire),
+            event_idx,
             write_through: !flush || !self.inner.dev.config.writeback(),
+            hold_kicks: event_idx && !self.inner.opts.poll.is_zero(),
         }
     }
 }
@@ -279,6 +281,7 @@ impl VhostUserBackend for VhuBlk {
             r = w.poll(vring, &self.inner.dev, k, self.inner.opts.poll);
         }
         if let Err(e) = r {
+            w.release_kicks(vring, k);
             // Returning an error would end this queue's thread; log and wait for the next kick.
             warn!("queue {thread_id}: {e}");
         }

@@ -80,7 +80,8 @@ pub struct QueueWorker {
     /// Ring addresses/size checked against the current table (`None`: not yet).
     ring_ok: Option<bool>,
     /// The driver broke the ring during this kick (e.g. avail->idx ran more than the ring size
-    /// ahead): stop looping and polling on it until the next kick.
+    /// ahead), or its memory table is unusable: stop looping and polling on it until the next
+    /// kick.
     broken: bool,
 }
 
@@ -90,6 +91,9 @@ pub struct KickCtx {
     pub event_idx: bool,
     /// Writes must be durable before completion (wce=0, or FLUSH not negotiated).
     pub write_through: bool,
+    /// A poll loop follows (EVENT_IDX only): leave the driver's kicks off, the loop watches
+    /// the ring itself and turns them back on when it stops.
+    pub hold_kicks: bool,
 }
 
 impl QueueWorker {
@@ -137,6 +141,8 @@ impl QueueWorker {
                     "queue {}: not using the new memory table: {msg}",
                     self.index
                 );
+                // Nothing can be served from it: stop polling until the next kick.
+                self.broken = true;
                 false
             }
         }
@@ -174,6 +180,7 @@ impl QueueWorker {
         let mut deadline = Instant::now() + window;
         loop {
             if self.broken || self.ring_ok == Some(false) {
+                self.release_kicks(vring, k);
                 return Ok(());
             }
             let pending = {
@@ -188,10 +195,25 @@ impl QueueWorker {
                 self.process(vring, dev, k)?;
                 deadline = Instant::now() + window;
             } else if Instant::now() >= deadline {
-                return Ok(());
+                // Kicks back on, with the re-check that closes the race against the driver.
+                let k = KickCtx {
+                    hold_kicks: false,
+                    ..k
+                };
+                return self.process(vring, dev, k);
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+
+    /// Turns the driver's kicks back on after `hold_kicks` when no re-check follows (errors,
+    /// a broken ring); the next kick re-judges the ring.
+    pub fn release_kicks(&self, vring: &Vring, k: KickCtx) {
+        if k.hold_kicks
+            && let Err(e) = vring.get_mut().enable_notification()
+        {
+            debug!("queue {}: re-enabling kicks: {e}", self.index);
         }
     }
 
@@ -317,7 +339,10 @@ impl QueueWorker {
                 break;
             }
             // EVENT_IDX: re-enable, then re-check so a request added in between is not missed.
-            if !k.event_idx || !state.enable_notification().map_err(WorkerError::Queue)? {
+            if !k.event_idx
+                || k.hold_kicks
+                || !state.enable_notification().map_err(WorkerError::Queue)?
+            {
                 break;
             }
         }

@@ -1,0 +1,78 @@
+//! `--poll-us` with EVENT_IDX, from a frontend on the `vhost` crate (tests/common/frontend.rs):
+//! while the daemon polls it leaves the driver's kicks off (avail_event stays behind, so a
+//! driver that honours EVENT_IDX does not kick) and still serves what is posted; when the
+//! window ends it turns kicks back on, so the next request is not stranded.
+
+mod common;
+#[path = "common/frontend.rs"]
+mod frontend;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use frontend::*;
+
+/// Long enough to post into the window from a test thread, short enough to wait out.
+const WINDOW_MS: u64 = 400;
+
+/// The avail_event field at the end of the used ring (EVENT_IDX).
+fn avail_event(g: &Guest) -> u16 {
+    g.mem.load_u16(g.ring.used + 4 + 8 * u64::from(g.ring.size))
+}
+
+fn avail_idx(g: &Guest) -> u16 {
+    g.mem.load_u16(g.ring.avail + 2)
+}
+
+#[test]
+fn polling_holds_kicks_and_hands_them_back() {
+    let dir = TestDir::new("poll-kicks");
+    let image = create_image_random(&dir.join("disk.img"), 8 * MIB, 0x9011);
+    let window = WINDOW_MS * 1000;
+    let _d = Daemon::start(&dir, &image, &["--poll-us", &window.to_string()]);
+    let mut g = Guest::connect(&dir.join("vublk.sock"), &image, Opts::default());
+
+    // The kick starts a poll window. A driver honouring EVENT_IDX kicks only when its new
+    // avail index passes avail_event; inside the window the daemon must not ask for that.
+    let t0 = Instant::now();
+    let r = g.read_req(5, 2);
+    g.submit(&[r.head]);
+    let used = g.wait_used(1);
+    g.check_read(&r, used[0]);
+    assert_ne!(
+        avail_event(&g),
+        avail_idx(&g),
+        "while polling, avail_event must not ask for a kick on the next request"
+    );
+
+    // Posted without a kick, still served; kicks still off.
+    let r = g.read_req(40, 8);
+    g.post(r.head);
+    let used = g.wait_used(1);
+    g.check_read(&r, used[0]);
+    assert_ne!(
+        avail_event(&g),
+        avail_idx(&g),
+        "still polling: avail_event must not ask for a kick"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(WINDOW_MS / 2),
+        "too slow to judge the window"
+    );
+
+    // After the window: kicks are back on for exactly the next request.
+    thread::sleep(Duration::from_millis(2 * WINDOW_MS));
+    assert_eq!(
+        avail_event(&g),
+        avail_idx(&g),
+        "after the window, avail_event must ask for a kick on the next request"
+    );
+    let r = g.read_req(90, 1);
+    g.post(r.head);
+    g.assert_no_used("a request posted after the window, without a kick");
+    g.kick();
+    let used = g.wait_used(1);
+    g.check_read(&r, used[0]);
+    g.mem.assert_untouched("polling");
+}
