@@ -57,6 +57,28 @@ fn start(dir: &TestDir, img: &Path) -> (Daemon, Client) {
     (d, c)
 }
 
+/// Someone on the host shrinks the image under the daemon to `len` bytes.
+fn truncate_under(img: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// The request that touched the gone part of the mapping failed; the daemon lived and said why.
+#[track_caller]
+fn assert_fault_survived(d: &Daemon, r: IoResult, what: &str) {
+    assert!(r.is_err(), "{what} past the new end must fail");
+    assert!(d.is_alive(), "the daemon must survive the fault");
+    assert!(
+        d.stderr().contains("image changed under its mapping"),
+        "the fault must be logged:\n{}",
+        d.stderr()
+    );
+}
+
 #[test]
 fn reads_match_the_file_and_a_sparse_image_stays_sparse() {
     let Some(shm) = ShmImage::new("sparse") else {
@@ -151,21 +173,10 @@ fn truncating_the_image_under_the_daemon_fails_reads_instead_of_crashing() {
         "before truncation",
     );
 
-    // Someone on the host shrinks the image: the mapping past 8 MiB is gone.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(8 * MIB)
-        .unwrap();
+    // The mapping past 8 MiB is gone.
+    truncate_under(&img, 8 * MIB);
     let r = c.q(0).read(12 * MIB, 0, 4096);
-    assert!(r.is_err(), "a read past the new end must fail");
-    assert!(d.is_alive(), "the daemon must survive the fault");
-    assert!(
-        d.stderr().contains("image changed under its mapping"),
-        "the fault must be logged:\n{}",
-        d.stderr()
-    );
+    assert_fault_survived(&d, r, "a read");
     // What is left still reads correctly (now through preadv2).
     let got = c.read_data(0, MIB, 64 * 1024);
     assert_bytes_eq(&got, &want[MIB as usize..][..64 * 1024], "after truncation");
@@ -219,23 +230,12 @@ fn truncating_the_image_under_the_daemon_fails_writes_instead_of_crashing() {
     };
     let want = std::fs::read(&img).unwrap();
     let (d, mut c) = start(&dir, &img);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(8 * MIB)
-        .unwrap();
+    truncate_under(&img, 8 * MIB);
 
     // pwritev2 would quietly extend the file here; through the mapping the page is gone.
     c.buf(0, 4096).fill(0xab);
     let r = c.q(0).write(12 * MIB, 0, 4096, blkio::ReqFlags::empty());
-    assert!(r.is_err(), "a write past the new end must fail");
-    assert!(d.is_alive(), "the daemon must survive the fault");
-    assert!(
-        d.stderr().contains("image changed under its mapping"),
-        "the fault must be logged:\n{}",
-        d.stderr()
-    );
+    assert_fault_survived(&d, r, "a write");
     assert_eq!(
         std::fs::metadata(&img).unwrap().len(),
         8 * MIB,
