@@ -6,7 +6,7 @@
 # backend outlived the guest, and that SIGTERM makes it exit 0 and remove its socket.
 # Environment: BACKEND, ENGINE, VUBLK_BIN, VUBLK_ARGS (see lib.sh); SIZE (image, default 256M);
 # TIMEOUT (guest seconds, default 240); KEEP=1 keeps the temp dir; IMG_DIR (default /tmp) holds
-# it and the image (/dev/shm: the sync engine's mapped reads); LOOP_SECTOR=4096 serves the
+# it and the image (/dev/shm: the sync engine's mapped I/O); LOOP_SECTOR=4096 serves the
 # image through a loop device with that sector size (a 4 KiB-aligned O_DIRECT target under a
 # 512-byte-sector guest: the direct engine's read-modify-write path).
 # With vublk the guest's second boot also checks online resize: when it says so, the host grows

@@ -10,8 +10,8 @@
 //! - [`vring`]: the library's vring plus a record of ring sizes virtio-queue refused.
 //! - [`worker`]: per-queue processing: pop chains, parse, submit, complete, notify.
 //! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
-//! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock, reads
-//!   from a mapping on tmpfs; `direct`: O_DIRECT on io_uring).
+//! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock, reads and
+//!   writes through a mapping on tmpfs; `direct`: O_DIRECT on io_uring).
 //! - [`image`]: opening the image, sizing it, probing discard / zero-range support.
 //! - [`lock`]: QEMU-compatible OFD image locks (one writer, or shared readers).
 //! - [`args`] / [`config`] / [`conffile`]: the command line, its validation, `--config` files.

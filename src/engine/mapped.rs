@@ -35,7 +35,7 @@ static CLAIMED: AtomicBool = AtomicBool::new(false);
 /// The system page size, for the handler's repair (4 KiB unless the kernel says otherwise).
 static SYS_PAGE: AtomicUsize = AtomicUsize::new(4096);
 
-/// Larger images are read with preadv2: the page map costs 1 bit per 4 KiB (32 MiB per TiB).
+/// Larger images use preadv2/pwritev2: the page map costs 1 bit per 4 KiB (32 MiB per TiB).
 const MAX_MAPPED: u64 = 1 << 40;
 static HANDLER: Once = Once::new();
 
@@ -44,18 +44,18 @@ pub struct Mapped {
     len: usize,
     /// Mapped PROT_WRITE too (the image is open read-write).
     writable: bool,
-    /// One bit per page: allocated in the file, so reading it through the mapping is safe.
+    /// One bit per page: allocated in the file, so using it through the mapping is safe.
     pages: Vec<AtomicU64>,
     warned: AtomicBool,
 }
 
 impl Mapped {
     /// Maps `file` (already known to be a regular file on tmpfs) if it is not empty and no other
-    /// mapping is registered; `None` means "use preadv2", with the reason logged.
+    /// mapping is registered; `None` means "use preadv2/pwritev2", with the reason logged.
     pub fn open(file: &File) -> Option<Mapped> {
         let size = file.metadata().ok()?.len();
         if size > MAX_MAPPED {
-            info!("image is over 1 TiB: reading with preadv2, not through a mapping");
+            info!("image is over 1 TiB: using preadv2/pwritev2, not a mapping");
             return None;
         }
         let len = usize::try_from(size).ok().filter(|&l| l > 0)?;
@@ -71,7 +71,7 @@ impl Mapped {
 
     fn map(file: &File, size: u64, len: usize) -> Option<Mapped> {
         let pages = bitmap(file, size)
-            .map_err(|e| info!("image map: no extent map ({e}); reading with preadv2"))
+            .map_err(|e| info!("image map: no extent map ({e}); using preadv2/pwritev2"))
             .ok()?;
         // SAFETY: F_GETFL on an fd we own; no memory is passed.
         let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
@@ -96,7 +96,7 @@ impl Mapped {
         };
         if p == libc::MAP_FAILED {
             info!(
-                "image map: mmap failed ({}); reading with preadv2",
+                "image map: mmap failed ({}); using preadv2/pwritev2",
                 io::Error::last_os_error()
             );
             return None;
