@@ -8,6 +8,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 
@@ -256,4 +257,47 @@ fn truncating_the_image_under_the_daemon_fails_writes_instead_of_crashing() {
         "untouched data",
     );
     assert!(d.is_alive());
+}
+
+/// The daemon's RssShmem (the image pages it has mapped in), in bytes.
+fn rss_shmem(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssShmem in /proc/PID/status");
+    kib * 1024
+}
+
+#[test]
+fn allocated_pages_are_prefaulted_and_holes_stay_holes() {
+    use std::os::unix::fs::FileExt;
+    let Some(shm) = ShmImage::new("prefault") else {
+        return;
+    };
+    let dir = TestDir::new("map-prefault");
+    let img = create_image(&shm.0, 32 * MIB);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for (off, seed) in [(MIB, 1), (20 * MIB + 4096, 2)] {
+        f.write_at(&pattern(seed, (2 * MIB) as usize), off).unwrap();
+    }
+    drop(f);
+    let before = shm.allocated();
+    assert!((4 * MIB..5 * MIB).contains(&before), "{before}");
+
+    // No I/O at all: only the prefault thread can put the image's pages in the daemon's RSS.
+    let d = Daemon::start(&dir, &img, &["--engine", "sync", "--log-level", "debug"]);
+    let finished = poll_until(Duration::from_secs(20), || {
+        d.stderr().contains("prefaulted ").then_some(())
+    });
+    assert!(finished.is_some(), "no prefault:\n{}", d.stderr());
+    // Faulting a hole in would have allocated it.
+    assert_eq!(shm.allocated(), before, "prefaulting allocated holes");
+    let rss = rss_shmem(d.pid());
+    assert!(
+        (4 * MIB..5 * MIB).contains(&rss),
+        "RssShmem {rss}: want the 4 MiB of data mapped in, and no holes"
+    );
+    assert!(d.stderr().contains("prefaulted 4 MiB"), "{}", d.stderr());
 }

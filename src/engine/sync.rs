@@ -29,6 +29,9 @@ impl SyncEngine {
             .then(|| Mapped::open(&image.file))
             .flatten()
             .map(Arc::new);
+        if let Some(m) = &mapped {
+            m.prefault();
+        }
         SyncEngine {
             mapped,
             file: Arc::clone(&image.file),
