@@ -25,7 +25,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 use log::{debug, info, warn};
 
@@ -41,8 +41,9 @@ static SYS_PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 /// Larger images use preadv2/pwritev2: the page map costs 1 bit per 4 KiB (32 MiB per TiB).
 const MAX_MAPPED: u64 = 1 << 40;
-/// Prefault at most this much per `madvise`, so the thread lets go of the mapping often.
-const PREFAULT_CHUNK: u64 = 16 << 20;
+/// Prefault at most this much per `madvise` (about 2 ms here), so the thread lets go of the
+/// mapping and of discards often.
+const PREFAULT_CHUNK: u64 = 2 << 20;
 static HANDLER: Once = Once::new();
 
 pub struct Mapped {
@@ -53,6 +54,9 @@ pub struct Mapped {
     /// One bit per page: allocated in the file, so using it through the mapping is safe.
     pages: Vec<AtomicU64>,
     warned: AtomicBool,
+    /// Held by the prefault thread from checking a chunk's bits to populating it, and by
+    /// `forget`: a page cleared for a discard is never faulted back in (that would allocate it).
+    prefault_lock: Mutex<()>,
 }
 
 impl Mapped {
@@ -116,6 +120,7 @@ impl Mapped {
             writable,
             pages,
             warned: AtomicBool::new(false),
+            prefault_lock: Mutex::new(()),
         };
         let n = m
             .pages
@@ -167,6 +172,7 @@ impl Mapped {
     pub fn forget(&self, off: u64, len: u64) {
         let end = off.saturating_add(len).min(self.len as u64);
         if off < end {
+            let _g = self.prefault_lock.lock().unwrap_or_else(|e| e.into_inner());
             set_pages(&self.pages, off / PAGE, end.div_ceil(PAGE), false);
         }
     }
@@ -188,6 +194,7 @@ impl Mapped {
                 let mut page = 0u64;
                 let mut done = 0u64;
                 while let Some(m) = weak.upgrade() {
+                    let _g = m.prefault_lock.lock().unwrap_or_else(|e| e.into_inner());
                     let Some((first, end)) = m.next_run(page) else {
                         break;
                     };
