@@ -155,10 +155,13 @@ impl Mapped {
         let Some((first, end)) = self.page_range(off, len) else {
             return false;
         };
-        (first..end).all(|p| {
-            self.bit(p)
-                .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
-        })
+        (first..end).all(|p| self.allocated(p))
+    }
+
+    /// The page's bit is set: it holds data in the file.
+    fn allocated(&self, page: u64) -> bool {
+        self.bit(page)
+            .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
     }
 
     /// A write covering the range succeeded: its pages are allocated now.
@@ -227,11 +230,7 @@ impl Mapped {
     /// The next run of allocated pages at or after `page`, at most `PREFAULT_CHUNK` long.
     fn next_run(&self, mut page: u64) -> Option<(u64, u64)> {
         let total = (self.len as u64).div_ceil(PAGE);
-        let set = |p: u64| {
-            self.bit(p)
-                .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
-        };
-        while page < total && !set(page) {
+        while page < total && !self.allocated(page) {
             // Skip empty words whole: a sparse image has mostly zero words.
             if page.is_multiple_of(64)
                 && self
@@ -250,7 +249,7 @@ impl Mapped {
         }
         let limit = (page + PREFAULT_CHUNK / PAGE).min(total);
         let mut end = page + 1;
-        while end < limit && set(end) {
+        while end < limit && self.allocated(end) {
             end += 1;
         }
         Some((page, end))
