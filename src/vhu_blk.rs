@@ -276,10 +276,13 @@ impl VhostUserBackend for VhuBlk {
         let k = self.kick_ctx();
         let mut w = lock(q);
         w.pin(&self.inner.opts.cpus);
-        let mut r = w.process(vring, &self.inner.dev, k);
-        if r.is_ok() && !self.inner.opts.poll.is_zero() {
-            r = w.poll(vring, &self.inner.dev, k, self.inner.opts.poll);
-        }
+        let poll = self.inner.opts.poll;
+        let r = match w.process(vring, &self.inner.dev, k) {
+            Ok(handed_back) if !poll.is_zero() => {
+                w.poll(vring, &self.inner.dev, k, poll, handed_back)
+            }
+            r => r.map(drop),
+        };
         if let Err(e) = r {
             w.release_kicks(vring, k);
             // Returning an error would end this queue's thread; log and wait for the next kick.

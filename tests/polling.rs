@@ -1,7 +1,9 @@
 //! `--poll-us` with EVENT_IDX, from a frontend on the `vhost` crate (tests/common/frontend.rs):
 //! while the daemon polls it leaves the driver's kicks off (avail_event stays behind, so a
 //! driver that honours EVENT_IDX does not kick) and still serves what is posted; when the
-//! window ends it turns kicks back on, so the next request is not stranded.
+//! window ends it turns kicks back on, so the next request is not stranded. Both engines: the
+//! sync one hands each request back in the call that took it, while the direct one hands it
+//! back from a later completion event, and only that opens the window.
 
 mod common;
 #[path = "common/frontend.rs"]
@@ -43,11 +45,20 @@ fn kick_wanted(g: &Guest) -> bool {
 }
 
 #[test]
-fn polling_holds_kicks_and_hands_them_back() {
-    let dir = TestDir::new("poll-kicks");
+fn polling_holds_kicks_and_hands_them_back_sync() {
+    holds_kicks_and_hands_them_back("sync");
+}
+
+#[test]
+fn polling_holds_kicks_and_hands_them_back_direct() {
+    holds_kicks_and_hands_them_back("direct");
+}
+
+fn holds_kicks_and_hands_them_back(engine: &str) {
+    let dir = TestDir::new(&format!("poll-kicks-{engine}"));
     let image = create_image_random(&dir.join("disk.img"), 8 * MIB, 0x9011);
-    let window = WINDOW_MS * 1000;
-    let _d = Daemon::start(&dir, &image, &["--poll-us", &window.to_string()]);
+    let window = (WINDOW_MS * 1000).to_string();
+    let _d = Daemon::start(&dir, &image, &["--poll-us", &window, "--engine", engine]);
     let mut g = Guest::connect(&dir.join("vublk.sock"), &image, Opts::default());
 
     // The kick starts a poll window. A driver honouring EVENT_IDX kicks only when its new
