@@ -15,7 +15,7 @@
 #   RUNTIME=10        measured seconds per run            RAMP=2   warm-up seconds per run
 #   REPS=3            repetitions (median reported)       QUICK=1  1 s runs, 1 rep (CI smoke)
 #   ENGINES="sync"    vublk engines to run (each is one backend column), e.g. "sync direct";
-#                     ENGINE+pollN adds --poll-us N and runs on the QD1 workload only
+#                     ENGINE+pollN adds --poll-us N and runs on the QD1 and disk workloads
 #   QSD=1             include qemu-storage-daemon (0 to skip)
 #   CH_BLOCK_BIN=PATH also run cloud-hypervisor's vhost_user_block
 #   FIO=1             the extra fio row (local io_uring O_DIRECT, the disk's limit)
@@ -340,8 +340,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
         for b in "${backends[@]}"; do
             # The direct engine needs O_DIRECT, which tmpfs lacks.
             [[ $b == vublk-direct && ${w#*|} == shm* ]] && continue
-            # Polling variants (ENGINE+pollN) are measured where polling matters: QD1.
-            [[ $b == *+poll* && ${w%%|*} != *-qd1 ]] && continue
+            # Polling variants (ENGINE+pollN) are measured where polling matters: QD1, where
+            # it is the latency, and the disk, where a round trip's wake-up is IOPS.
+            [[ $b == *+poll* && ${w%%|*} != *-qd1 && ${w#*|} != disk* ]] && continue
             list+=("$b")
         done
         [[ $FIO == 1 && " $FIO_WORKLOADS " == *" ${w%%|*} "* ]] && list+=(fio)
