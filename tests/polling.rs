@@ -61,7 +61,8 @@ fn holds_kicks_and_hands_them_back(engine: &str) {
     let _d = Daemon::start(&dir, &image, &["--poll-us", &window, "--engine", engine]);
     let mut g = Guest::connect(&dir.join("vublk.sock"), &image, Opts::default());
 
-    // The kick starts a poll window. A driver honouring EVENT_IDX kicks only when its new
+    // Handing the request back opens a poll window: at once on the sync engine, on the
+    // completion event on the direct one. A driver honouring EVENT_IDX kicks only when its new
     // avail index passes avail_event; inside the window the daemon must not ask for that.
     let t0 = Instant::now();
     read_served(&mut g, 5, 2, true);
