@@ -43,6 +43,10 @@ step "guest-test engine=sync on tmpfs (I/O through the image mapping)"
 BACKEND=vublk ENGINE=sync IMG_DIR=/dev/shm VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 step "guest-test engine=direct"
 BACKEND=vublk ENGINE=direct VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# Polling holds the guest's kicks (avail_event behind its index) and must re-arm them when the
+# window ends; a Linux guest's driver honours EVENT_IDX, so a missed re-arm hangs its I/O.
+step "guest-test engine=direct with --poll-us 50"
+BACKEND=vublk ENGINE=direct VUBLK_ARGS="--poll-us 50" VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 step "guest-test engine=direct on a 4096-byte-sector loop device"
 BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 # Backend restarts under a guest with QEMU reconnect=1 (idle and during fio); docs/reconnect.md.
