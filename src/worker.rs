@@ -64,7 +64,9 @@ impl PollWindow {
 /// so the driver still kicks once for its next request. While polling, move avail_event
 /// behind what was already published: the driver kicks only when its index crosses that
 /// value, and it will not before the window ends, when `enable_notification` re-arms it
-/// and re-checks the ring.
+/// and re-checks the ring. Written once per hold (`kicks_held`): after 65536 more requests
+/// in one unbroken poll streak the index wraps past it and the driver kicks once, which is
+/// harmless.
 fn hold_kicks(q: &virtio_queue::Queue, mem: &GuestMem) {
     // avail_event follows the used ring's entries (virtio 1.x, 2.7.8); `ring_usable` checked
     // that the whole used ring, this field included, lies in guest memory.
@@ -132,6 +134,9 @@ pub struct QueueWorker {
     /// ahead), or its memory table is unusable: stop looping and polling on it until the next
     /// kick.
     broken: bool,
+    /// avail_event was moved behind the index (`hold_kicks`) and not re-armed since: writing
+    /// it again would only bounce the cache line the driver reads on every publish.
+    kicks_held: bool,
 }
 
 /// Per-kick flags decided by the glue.
@@ -160,6 +165,7 @@ impl QueueWorker {
             checked_table: None,
             ring_ok: None,
             broken: false,
+            kicks_held: false,
         }
     }
 
@@ -260,7 +266,8 @@ impl QueueWorker {
 
     /// Turns the driver's kicks back on after `hold_kicks` when no re-check follows (errors,
     /// a broken ring); the next kick re-judges the ring.
-    pub fn release_kicks(&self, vring: &Vring, k: KickCtx) {
+    pub fn release_kicks(&mut self, vring: &Vring, k: KickCtx) {
+        self.kicks_held = false;
         if k.hold_kicks
             && let Err(e) = vring.get_mut().enable_notification()
         {
@@ -339,8 +346,9 @@ impl QueueWorker {
         'ring: loop {
             if k.event_idx {
                 state.disable_notification().map_err(WorkerError::Queue)?;
-                if k.hold_kicks {
+                if k.hold_kicks && !self.kicks_held {
                     hold_kicks(state.get_queue(), &mem);
+                    self.kicks_held = true;
                 }
             }
             while self.in_flight() < cap {
@@ -397,10 +405,11 @@ impl QueueWorker {
                 break;
             }
             // EVENT_IDX: re-enable, then re-check so a request added in between is not missed.
-            if !k.event_idx
-                || k.hold_kicks
-                || !state.enable_notification().map_err(WorkerError::Queue)?
-            {
+            if !k.event_idx || k.hold_kicks {
+                break;
+            }
+            self.kicks_held = false;
+            if !state.enable_notification().map_err(WorkerError::Queue)? {
                 break;
             }
         }
@@ -425,6 +434,7 @@ impl QueueWorker {
         // The frontend stops the ring before reconfiguring it: judge the new setup afresh.
         self.broken = false;
         self.ring_ok = None;
+        self.kicks_held = false;
         let Some(vring) = self.vring.clone() else {
             return;
         };
