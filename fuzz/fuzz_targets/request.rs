@@ -27,6 +27,8 @@ fn engine() -> &'static SyncEngine {
         let path = dir.join("img");
         std::fs::write(&path, vec![0u8; 1 << 20]).expect("scratch image");
         let image = Image::open(&path, false, 512).expect("open scratch image");
+        // The engine keeps the open file; unlink now so no run leaves its scratch dir behind.
+        let _ = std::fs::remove_dir_all(&dir);
         SyncEngine::new(&image)
     })
 }
