@@ -275,6 +275,9 @@ impl VhostUserBackend for VhuBlk {
         }
         let k = self.kick_ctx();
         let mut w = lock(q);
+        if u64::from(device_event) == self.completion_event() {
+            w.clear_completion_event();
+        }
         w.pin(&self.inner.opts.cpus);
         let poll = self.inner.opts.poll;
         let r = match w.process(vring, &self.inner.dev, k) {

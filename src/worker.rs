@@ -301,6 +301,11 @@ impl QueueWorker {
         }
     }
 
+    /// The completion fd fired: clear it before looking for completions.
+    pub fn clear_completion_event(&mut self) {
+        self.engine.clear_completion_event();
+    }
+
     /// The engine's completion eventfd, if it has one (asynchronous engines).
     pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.engine.completion_fd()
@@ -331,13 +336,13 @@ impl QueueWorker {
         {
             // Not serving this ring; finished I/O still completes if the ring is sound.
             if self.ring_ok == Some(true) {
-                self.complete(&mem, &mut state, &mut used)?;
+                self.complete(&mem, &mut state, &mut used, false)?;
                 self.notify(&mut state, used)?;
                 return Ok(used);
             }
             return Ok(false);
         }
-        self.complete(&mem, &mut state, &mut used)?;
+        self.complete(&mem, &mut state, &mut used, k.event_idx)?;
         // A guest cannot make us hold more requests than its ring has slots, even by reusing
         // heads: past this we stop popping until completions free slots.
         let cap = usize::from(state.get_queue().size());
@@ -392,14 +397,14 @@ impl QueueWorker {
                     // Hand finished requests back mid-batch so the driver can refill the ring
                     // while we work: this keeps both sides busy instead of taking turns.
                     self.engine.commit();
-                    self.complete(&mem, &mut state, &mut used)?;
+                    self.complete(&mem, &mut state, &mut used, k.event_idx)?;
                     self.notify(&mut state, used)?;
                     handed |= used;
                     used = false;
                 }
             }
             self.engine.commit();
-            self.complete(&mem, &mut state, &mut used)?;
+            self.complete(&mem, &mut state, &mut used, k.event_idx)?;
             if self.in_flight() >= cap {
                 // Full: the completion event brings us back; leave notifications off.
                 break;
@@ -443,7 +448,7 @@ impl QueueWorker {
         while self.in_flight() > 0 {
             self.engine.wait();
             let mut state = vring.get_mut();
-            if let Err(e) = self.complete(&mem, &mut state, &mut used) {
+            if let Err(e) = self.complete(&mem, &mut state, &mut used, false) {
                 warn!("queue {}: completing on stop: {e}", self.index);
                 break;
             }
@@ -511,14 +516,33 @@ impl QueueWorker {
         Ok(())
     }
 
-    /// Moves engine completions into the used ring.
+    /// Moves engine completions into the used ring. With `notify_first` (EVENT_IDX) and
+    /// nothing handed back yet, an asynchronous engine's first completion is returned and
+    /// notified before the rest are reaped: the driver's wake-up then overlaps that work
+    /// (a whole batch of disk completions often arrives at once). EVENT_IDX keeps it to one
+    /// notification unless the driver re-arms meanwhile.
     fn complete(
         &mut self,
         mem: &GuestMem,
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         used: &mut bool,
+        notify_first: bool,
     ) -> Result<(), WorkerError> {
+        if notify_first && !*used && self.engine.completion_fd().is_some() {
+            self.engine.reap_max(&mut self.done, 1);
+            self.finish_done(mem, state, used)?;
+            self.notify(state, *used)?;
+        }
         self.engine.reap(&mut self.done);
+        self.finish_done(mem, state, used)
+    }
+
+    fn finish_done(
+        &mut self,
+        mem: &GuestMem,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        used: &mut bool,
+    ) -> Result<(), WorkerError> {
         let mut done = std::mem::take(&mut self.done);
         let now = (!done.is_empty()).then(Instant::now);
         for c in done.drain(..) {

@@ -87,6 +87,16 @@ impl EngineQueue for FaultyQueue {
         out.append(&mut self.failed);
         self.inner.reap(out);
     }
+    fn reap_max(&mut self, out: &mut Vec<Completion>, max: usize) {
+        let n = max.min(self.failed.len());
+        out.extend(self.failed.drain(..n));
+        if n < max {
+            self.inner.reap_max(out, max - n);
+        }
+    }
+    fn clear_completion_event(&mut self) {
+        self.inner.clear_completion_event();
+    }
     fn in_flight(&self) -> usize {
         self.failed.len() + self.inner.in_flight()
     }

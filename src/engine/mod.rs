@@ -90,6 +90,17 @@ pub trait EngineQueue: Send {
     }
     /// Moves finished ops into `out`.
     fn reap(&mut self, out: &mut Vec<Completion>);
+    /// Like [`reap`](Self::reap), but an asynchronous engine takes at most `max` completions
+    /// from the kernel and leaves the rest for the next reap, so the first can be handed back
+    /// before the others are processed. Inline engines move everything.
+    fn reap_max(&mut self, out: &mut Vec<Completion>, max: usize) {
+        let _ = max;
+        self.reap(out);
+    }
+    /// Clears the completion fd's readiness once its event fired (asynchronous engines).
+    /// Reaps leave it alone: a stale signal costs one spurious wake-up, a read per reap
+    /// costs a syscall each time the worker looks for completions.
+    fn clear_completion_event(&mut self) {}
     /// Ops submitted and not yet reaped.
     fn in_flight(&self) -> usize;
     /// An fd that becomes readable when completions are ready (asynchronous engines).
