@@ -530,6 +530,10 @@ impl QueueWorker {
     ) -> Result<(), WorkerError> {
         if notify_first && !*used && self.engine.completion_fd().is_some() {
             self.engine.reap_max(&mut self.done, 1);
+            if self.done.is_empty() {
+                // Nothing finished (the usual case mid-batch): no second look at the ring.
+                return Ok(());
+            }
             self.finish_done(mem, state, used)?;
             self.notify(state, *used)?;
         }

@@ -93,8 +93,7 @@ pub trait EngineQueue: Send {
     /// Like [`reap`](Self::reap), but an asynchronous engine takes at most `max` completions
     /// from the kernel and leaves the rest for the next reap, so the first can be handed back
     /// before the others are processed. Inline engines move everything.
-    fn reap_max(&mut self, out: &mut Vec<Completion>, max: usize) {
-        let _ = max;
+    fn reap_max(&mut self, out: &mut Vec<Completion>, _max: usize) {
         self.reap(out);
     }
     /// Clears the completion fd's readiness once its event fired (asynchronous engines).
