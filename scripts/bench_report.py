@@ -189,6 +189,40 @@ for w, title in workloads.items():
     p("| " + " | ".join(cells) + " |")
 p("")
 
+# Paired ratios: a repetition runs every backend back to back, so the host's drift (a disk's
+# mood changes within minutes here) hits both sides of a same-repetition ratio alike. The
+# summary's ratio of medians mixes repetitions; this one does not.
+by_rep = {}
+for r in rows:
+    by_rep.setdefault((r["workload"], r.get("rep")), {})[r["backend"]] = r
+if vublks and refs:
+    p("## Paired ratios (IOPS, per repetition)")
+    p("")
+    p("Each repetition's vublk IOPS divided by the same repetition's reference: the median "
+      "over repetitions, the range, and in how many repetitions vublk had at least the "
+      "reference's IOPS.")
+    p("")
+    hdr = ["workload", "vublk"] + [f"vs {lbl}" for _, lbl in refs]
+    p("| " + " | ".join(hdr) + " |")
+    p("|---|---|" + "--:|" * len(refs))
+    for w, title in workloads.items():
+        for b in vublks:
+            cells = [title, backend_name(b)]
+            any_pair = False
+            for ref, _ in refs:
+                rs = [g[b]["iops"] / g[ref]["iops"] for (ww, _), g in by_rep.items()
+                      if ww == w and b in g and ref in g and g[ref]["iops"]]
+                if not rs:
+                    cells.append("–")
+                    continue
+                any_pair = True
+                won = sum(x >= 1 for x in rs)
+                cells.append(f"{statistics.median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f}), "
+                             f"{won}/{len(rs)}")
+            if any_pair:
+                p("| " + " | ".join(cells) + " |")
+    p("")
+
 # Per workload
 for w, title in workloads.items():
     p(f"## {title}")
