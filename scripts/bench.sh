@@ -45,7 +45,10 @@ ENGINES=${ENGINES:-sync} QSD=${QSD:-1} FIO=${FIO:-1} CH_BLOCK_BIN=${CH_BLOCK_BIN
 IMG_MIB=${IMG_MIB:-1024} BENCH_DIR=${BENCH_DIR:-/tmp}
 CPU_CLIENT=${CPU_CLIENT:-0} CPU_BACKEND=${CPU_BACKEND:-1}
 
-# id | dir | rw | bs | iodepth per queue | queues | title
+# id | dir | rw | bs | iodepth per queue | queues | title [| client flags]
+# The "-pollc" rows run the client with --poll (libblkio poll queues: it spins instead of
+# sleeping, and asks the backend not to signal). They show how much of the gap to fio is the
+# client's own sleep and wake-up, which every vhost-user backend pays and fio does not.
 all_workloads=(
     "shm-randread-qd1|shm|randread|4096|1|1|4k randread QD1, /dev/shm"
     "shm-randread-qd32|shm|randread|4096|32|1|4k randread QD32, 1 queue, /dev/shm"
@@ -54,9 +57,12 @@ all_workloads=(
     "disk-randread-qd32|disk|randread|4096|32|1|4k randread QD32, 1 queue, $BENCH_DIR (disk)"
     "disk-randwrite-qd32|disk|randwrite|4096|32|1|4k randwrite QD32, 1 queue, $BENCH_DIR (disk)"
     "disk-read128k-qd8|disk|read|131072|8|1|128k sequential read QD8, 1 queue, $BENCH_DIR (disk)"
+    "disk-randread-qd32-pollc|disk|randread|4096|32|1|4k randread QD32, 1 queue, $BENCH_DIR (disk), polling client|--poll"
+    "disk-randwrite-qd32-pollc|disk|randwrite|4096|32|1|4k randwrite QD32, 1 queue, $BENCH_DIR (disk), polling client|--poll"
 )
 # fio runs the same workload on the image directly: the disk's own limit, for every disk row.
 FIO_WORKLOADS="disk-randread-qd32 disk-randwrite-qd32 disk-read128k-qd8"
+FIO_WORKLOADS+=" disk-randread-qd32-pollc disk-randwrite-qd32-pollc"
 
 say() { printf '%s\n' "$*" >&2; }
 die() {
@@ -209,8 +215,10 @@ wait_socket() { # wait_socket SOCK PID LOG: bounded poll for the listening socke
 
 # run_one WORKLOAD-SPEC BACKEND REP: appends one JSON line to $raw_tmp
 run_one() {
-    local id dir rw bs qd nq title
-    IFS='|' read -r id dir rw bs qd nq title <<<"$1"
+    local id dir rw bs qd nq title cflags
+    IFS='|' read -r id dir rw bs qd nq title cflags <<<"$1"
+    local client_flags=()
+    read -ra client_flags <<<"$cflags"
     local backend=$2 rep=$3
     local img direct cache
     if [[ $dir == shm ]]; then
@@ -297,7 +305,7 @@ EOF
         wait_socket "$sock" "$bpid" "$log" || die "$backend did not start"
         timeout "$budget" taskset -c "$CPU_CLIENT" "$client" --path "$sock" --rw "$rw" --bs "$bs" \
             --iodepth "$qd" --num-queues "$nq" --runtime "$RUNTIME" --ramp "$RAMP" \
-            --backend-pid "$bpid" >"$out" 2>"$out.err" &
+            --backend-pid "$bpid" "${client_flags[@]}" >"$out" 2>"$out.err" &
         cpid=$!
         if ! wait "$cpid"; then
             cpid=""

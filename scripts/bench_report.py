@@ -29,6 +29,8 @@ SHORT = {
     "disk-randread-qd32": "4k randread\\nQD32 disk",
     "disk-randwrite-qd32": "4k randwrite\\nQD32 disk",
     "disk-read128k-qd8": "128k seq read\\nQD8 disk",
+    "disk-randread-qd32-pollc": "4k randread\\nQD32 disk\\npolling client",
+    "disk-randwrite-qd32-pollc": "4k randwrite\\nQD32 disk\\npolling client",
 }
 
 
