@@ -472,3 +472,25 @@ fn unknown_request_codes() {
     let g = env.bare();
     env.recovers(g, "unknown request codes");
 }
+
+/// A refused region right after the direct engine was handed 240 reads of 1 MiB: they complete
+/// after the bad table was published, and the connection is torn down (the refusal ends it)
+/// with them in flight. The daemon must complete them without touching the bad region (a SIGBUS
+/// would kill it), and the next connection must work.
+#[test]
+fn memory_region_beyond_its_fd_while_direct_reads_are_in_flight() {
+    let env = Env::new("region-fd-inflight", &["--engine", "direct"]);
+    let bad = GuestMem::new(64 << 10, 0, 1 << 20, 0x4000_0000);
+    let mut g = env.guest_with(Opts {
+        queue_size: 256,
+        region_len: 4 << 20,
+        ..Opts::default()
+    });
+    let h = g.hdr(T_IN, 0);
+    let (data, st) = (g.wbuf(1 << 20), g.wbuf(1));
+    let busy = g.chain(&[(h, 16, false), (data, 1 << 20, true), (st, 1, true)]);
+    g.submit(&vec![busy; 240]);
+    let o = outcome(g.fe.add_mem_region(&bad.region()).map(|_| ()));
+    assert_ne!(o, Outcome::Accepted, "ADD_MEM_REG past the memfd's end");
+    env.recovers(g, "region refused with direct reads in flight");
+}
