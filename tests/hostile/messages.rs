@@ -275,6 +275,19 @@ fn memory_region_beyond_its_fd() {
     }
 }
 
+/// A guest with room for a long batch, and 240 heads of one 1 MiB read chain to post.
+fn busy_reads(env: &Env) -> (Guest, Vec<u16>) {
+    let mut g = env.guest_with(Opts {
+        queue_size: 256,
+        region_len: 4 << 20,
+        ..Opts::default()
+    });
+    let h = g.hdr(T_IN, 0);
+    let (data, st) = (g.wbuf(1 << 20), g.wbuf(1));
+    let busy = g.chain(&[(h, 16, false), (data, 1 << 20, true), (st, 1, true)]);
+    (g, vec![busy; 240])
+}
+
 /// As above, but the region arrives while the worker is in the middle of a long batch whose
 /// later requests have their header and status in that region.
 #[test]
@@ -283,16 +296,8 @@ fn memory_region_beyond_its_fd_added_while_the_queue_is_busy() {
     let bad = GuestMem::new(64 << 10, 0, 1 << 20, 0x4000_0000);
     let mut f = Findings::default();
     for attempt in 0..6 {
-        let mut g = env.guest_with(Opts {
-            queue_size: 256,
-            region_len: 4 << 20,
-            ..Opts::default()
-        });
-        // 1 MiB reads, all through one chain, keep the worker busy for a while...
-        let h = g.hdr(T_IN, 0);
-        let (data, st) = (g.wbuf(1 << 20), g.wbuf(1));
-        let busy = g.chain(&[(h, 16, false), (data, 1 << 20, true), (st, 1, true)]);
-        let mut heads = vec![busy; 240];
+        // 1 MiB reads keep the worker busy for a while...
+        let (mut g, mut heads) = busy_reads(&env);
         // ...then requests in the region about to be added, past the end of its memfd.
         for k in 0..16 {
             let a = bad.gpa + (512 << 10) + 64 * k;
@@ -481,15 +486,8 @@ fn unknown_request_codes() {
 fn memory_region_beyond_its_fd_while_direct_reads_are_in_flight() {
     let env = Env::new("region-fd-inflight", &["--engine", "direct"]);
     let bad = GuestMem::new(64 << 10, 0, 1 << 20, 0x4000_0000);
-    let mut g = env.guest_with(Opts {
-        queue_size: 256,
-        region_len: 4 << 20,
-        ..Opts::default()
-    });
-    let h = g.hdr(T_IN, 0);
-    let (data, st) = (g.wbuf(1 << 20), g.wbuf(1));
-    let busy = g.chain(&[(h, 16, false), (data, 1 << 20, true), (st, 1, true)]);
-    g.submit(&vec![busy; 240]);
+    let (mut g, heads) = busy_reads(&env);
+    g.submit(&heads);
     let o = outcome(g.fe.add_mem_region(&bad.region()).map(|_| ()));
     assert_ne!(o, Outcome::Accepted, "ADD_MEM_REG past the memfd's end");
     env.recovers(g, "region refused with direct reads in flight");
