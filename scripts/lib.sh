@@ -5,6 +5,8 @@
 #   VUBLK_BIN=PATH      vublk binary (default target/release/vublk, else target/debug/vublk)
 #   ENGINE=NAME         vublk --engine (default sync)
 #   VUBLK_ARGS="..."    extra vublk arguments (e.g. "--logical-block-size 4096 --serial x")
+#   BACKEND_CPU=N       pin the backend to CPU N (default: not pinned)
+#   QSD_FILE_OPTS=...   qemu-storage-daemon file options (default cache.direct=off)
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${GUEST_CACHE:-$root/.cache/guest}
@@ -23,7 +25,8 @@ vublk_bin() {
 # start_backend IMAGE SOCKET QUEUES LOG: starts the backend in the background, sets backend_pid,
 # and waits (bounded) for its socket to appear.
 start_backend() {
-    local img=$1 sock=$2 queues=$3 log=$4 bin extra=()
+    local img=$1 sock=$2 queues=$3 log=$4 bin extra=() pin=()
+    [[ -z ${BACKEND_CPU:-} ]] || pin=(taskset -c "$BACKEND_CPU")
     case $BACKEND in
     vublk)
         bin=$(vublk_bin)
@@ -31,12 +34,12 @@ start_backend() {
         # DEFAULT_QUEUES=1: no --num-queues, to show the defaults suit a stock QEMU.
         local nq=(--num-queues "$queues")
         [[ -z ${DEFAULT_QUEUES:-} ]] || nq=()
-        "$bin" --socket-path "$sock" --blk-file "$img" "${nq[@]}" \
+        "${pin[@]}" "$bin" --socket-path "$sock" --blk-file "$img" "${nq[@]}" \
             --engine "$ENGINE" "${extra[@]}" >"$log" 2>&1 &
         ;;
     qsd)
-        qemu-storage-daemon \
-            --blockdev "driver=file,node-name=f,filename=$img,cache.direct=off" \
+        "${pin[@]}" qemu-storage-daemon \
+            --blockdev "driver=file,node-name=f,filename=$img,${QSD_FILE_OPTS:-cache.direct=off}" \
             --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues" \
             >"$log" 2>&1 &
         ;;

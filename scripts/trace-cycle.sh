@@ -8,7 +8,8 @@
 #              VUBLK=target/release/vublk  CPU_CLIENT=0  CPU_BACKEND=1  KEEP=1 keeps the trace
 #              EXTRA_EVENTS="irq_vectors:call_function_single_entry ..." more tracepoints
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$root"
 die() { echo "trace-cycle: $*" >&2; exit 1; }
 
@@ -41,21 +42,13 @@ fio)
         --rw="$RW" --bs=4096 --iodepth="$QD" --runtime=5 --time_based >/dev/null &
     pids+=($!) ;;
 *)
-    if [[ $backend == qsd ]]; then
-        taskset -c "$CPU_BACKEND" qemu-storage-daemon \
-            --blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=on,aio=io_uring" \
-            --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-            >/dev/null 2>&1 &
-    else
-        poll=()
-        [[ $backend == *+poll* ]] && poll=(--poll-us "${backend##*+poll}")
-        taskset -c "$CPU_BACKEND" "$VUBLK" --socket-path "$sock" --blk-file "$IMG" --num-queues 1 \
-            --log-level warn "${poll[@]}" &
-    fi
-    bpid=$!
+    # The benchmark's settings: pinned, O_DIRECT; QSD with io_uring.
+    BACKEND=${backend%%+*} ENGINE=auto VUBLK_BIN=$VUBLK BACKEND_CPU=$CPU_BACKEND
+    QSD_FILE_OPTS=cache.direct=on,aio=io_uring VUBLK_ARGS="--log-level warn"
+    [[ $backend == *+poll* ]] && VUBLK_ARGS+=" --poll-us ${backend##*+poll}"
+    start_backend "$IMG" "$sock" 1 "$work/backend.log" || die "backend did not start"
+    bpid=$backend_pid
     pids+=("$bpid")
-    for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.05; done
-    [[ -S $sock ]] || die "backend did not create $sock"
     taskset -c "$CPU_CLIENT" "$client" --path "$sock" --rw "$RW" --bs 4096 --iodepth "$QD" \
         --num-queues 1 --runtime 4 --ramp 1 --backend-pid "$bpid" >"$work/client.json" &
     pids+=($!) ;;
