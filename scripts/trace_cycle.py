@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Splits a QD-N disk run into its round trips, from `perf script` output of the tracepoints
-block:block_rq_issue, sched:sched_switch and sched:sched_wakeup (see scripts/trace-cycle.sh).
+block:block_rq_issue, sched:sched_switch, sched:sched_wakeup and raw_syscalls:sys_exit (see
+scripts/trace-cycle.sh).
 
 A batch is a run of block_rq_issue events from the backend with no gap over GAP_US. Between
 the last issue of one batch and the first of the next, the script finds:
@@ -115,7 +116,8 @@ def main():
         keys += [k for k in r if k not in keys]
     for k in keys:
         v = [r[k] for r in full if k in r]
-        print(f"  {k:28s} median {statistics.median(v):7.1f} us   mean {statistics.fmean(v):7.1f}   ({len(v)} batches)")
+        unit = "  " if k == "n" else "us"  # n counts requests
+        print(f"  {k:28s} median {statistics.median(v):7.1f} {unit}   mean {statistics.fmean(v):7.1f}   ({len(v)} batches)")
     if full:
         print(f"  => {statistics.fmean(r['n'] for r in full) / statistics.fmean(r['cycle'] for r in full) * 1e6:,.0f} I/Os per second in full batches")
 
