@@ -518,3 +518,7 @@ fn acquire(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "direct_tests.rs"]
+mod tests;

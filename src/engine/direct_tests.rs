@@ -1,0 +1,385 @@
+//! The direct engine against a model of the image.
+//!
+//! Random batches of reads, writes (some FUA) and flushes are submitted together and reaped,
+//! then checked: reads against the model, and the whole file against it every few batches.
+//! Ranges within a batch never share a sector but often share a block, so read-modify-write
+//! runs next to writes to the other sectors of its blocks. Guest buffers are split into
+//! segments at any byte, at any address, across two adjacent regions at a high base (as libblkio
+//! places them). Each alignment the planner handles runs on io_uring and on the thread pool:
+//! the filesystem's own, 4 KiB file offsets (sub-block requests widened, RMW under the gate),
+//! and 4 KiB memory alignment (most buffers bounced).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, Permissions};
+
+use super::*;
+use crate::blk::iov::GuestMem;
+use crate::engine::Op;
+
+const SECTOR: u64 = 512;
+/// Guest memory: two adjacent regions at a high address.
+const GUEST_BASE: u64 = 0x7f00_0000_0000;
+const REGION: u64 = 24 << 20;
+
+/// xorshift64*: deterministic, so a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Read,
+    Write { fua: bool },
+    Flush,
+}
+
+/// One request of a batch: `len` bytes at `offset`, in guest segments `segs`.
+#[derive(Debug)]
+struct TestOp {
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    segs: Vec<(GuestAddress, u32)>,
+    /// What a write puts there.
+    data: Vec<u8>,
+}
+
+/// A scratch image under `target/` (a disk filesystem, where O_DIRECT works; /tmp may be tmpfs),
+/// its engine queue, guest memory and the model of its contents.
+struct Harness {
+    path: PathBuf,
+    model: Vec<u8>,
+    mem: Arc<GuestMem>,
+    q: Box<dyn EngineQueue>,
+    _engine: DirectEngine,
+    what: String,
+}
+
+impl Harness {
+    /// `align` = (file offset, memory) alignment, each overriding the probed one when given.
+    fn new(
+        tag: &str,
+        size: u64,
+        seed: u64,
+        align: (Option<u64>, Option<u64>),
+        uring: bool,
+    ) -> Self {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+        let path = dir.join(format!("direct-model-{tag}-{}", std::process::id()));
+        let model = Rng(seed ^ 0x5eed).bytes(size as usize);
+        std::fs::write(&path, &model).expect("scratch image under target/");
+        let image = Image::open(&path, false, 512).expect("scratch image opens");
+        let (file, native) =
+            open_direct(&path, false).expect("O_DIRECT works on the filesystem that holds target/");
+        let align = DioAlign {
+            offset: align.0.unwrap_or(native.offset),
+            mem: align.1.unwrap_or(native.mem),
+        };
+        let engine = DirectEngine::new(&image, file, align, uring).expect("direct engine");
+        let q = engine.new_queue().expect("engine queue");
+        let mem = GuestMem::from_ranges(&[
+            (GuestAddress(GUEST_BASE), REGION as usize),
+            (GuestAddress(GUEST_BASE + REGION), REGION as usize),
+        ])
+        .expect("guest memory");
+        let what = format!("{tag}: seed {seed:#x}, alignment {align:?}, io_uring {uring}");
+        Harness {
+            path,
+            model,
+            mem: Arc::new(mem),
+            q,
+            _engine: engine,
+            what,
+        }
+    }
+
+    /// Submits `ops` at once, reaps them all, checks each result and every read's bytes, then
+    /// applies the writes to the model. Ops must not share a sector.
+    fn batch(&mut self, ops: &[TestOp]) {
+        for (tag, op) in ops.iter().enumerate() {
+            let access = match op.kind {
+                Kind::Read => Permissions::Write,
+                _ => Permissions::Read,
+            };
+            let mut at = 0usize;
+            for &(addr, len) in &op.segs {
+                let len = len as usize;
+                let fill = match op.kind {
+                    Kind::Write { .. } => op.data[at..at + len].to_vec(),
+                    // A read must overwrite every byte of its buffers.
+                    _ => vec![0xa5; len],
+                };
+                self.mem
+                    .write_slice(&fill, addr)
+                    .expect("segment in guest memory");
+                at += len;
+            }
+            let bufs = || GuestIoVecs::new(&self.mem, &op.segs, access).expect("iovecs");
+            let engine_op = match op.kind {
+                Kind::Flush => Op::Flush,
+                Kind::Read => Op::Read {
+                    offset: op.offset,
+                    bufs: bufs(),
+                },
+                Kind::Write { fua } => Op::Write {
+                    offset: op.offset,
+                    bufs: bufs(),
+                    fua,
+                },
+            };
+            self.q.submit(tag as u64, engine_op);
+        }
+        self.q.commit();
+        let mut done = Vec::new();
+        loop {
+            self.q.reap(&mut done);
+            if self.q.in_flight() == 0 {
+                break;
+            }
+            self.q.wait();
+        }
+        assert_eq!(
+            done.len(),
+            ops.len(),
+            "{}: every op completes once",
+            self.what
+        );
+        for c in &done {
+            let op = &ops[c.tag as usize];
+            match &c.result {
+                Ok(n) if op.kind == Kind::Flush || *n == op.len => {}
+                other => panic!("{}: {op:?} completed with {other:?}", self.what),
+            }
+        }
+        for op in ops {
+            let range = op.offset as usize..(op.offset + op.len) as usize;
+            match op.kind {
+                Kind::Read => {
+                    let mut got = Vec::with_capacity(op.len as usize);
+                    for &(addr, len) in &op.segs {
+                        let mut seg = vec![0; len as usize];
+                        self.mem.read_slice(&mut seg, addr).expect("segment");
+                        got.extend_from_slice(&seg);
+                    }
+                    if got != self.model[range] {
+                        panic!(
+                            "{}: read {}+{} returned other bytes",
+                            self.what, op.offset, op.len
+                        );
+                    }
+                }
+                Kind::Write { .. } => self.model[range].copy_from_slice(&op.data),
+                Kind::Flush => {}
+            }
+        }
+    }
+
+    /// The file, read through the page cache, equals the model.
+    fn check_file(&self) {
+        let got = std::fs::read(&self.path).expect("read scratch image");
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != self.model[i]) {
+            panic!("{}: image differs from the model at byte {i}", self.what);
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Splits `len` bytes into 1-4 segments cut at any byte (half the cuts on a sector boundary),
+/// each placed after `*next` at a 4 KiB, 512-byte or odd address.
+fn segments(rng: &mut Rng, len: u64, next: &mut u64) -> Vec<(GuestAddress, u32)> {
+    let mut cuts: Vec<u64> = (0..rng.below(4))
+        .map(|_| {
+            let c = 1 + rng.below(len - 1);
+            if rng.below(2) == 0 {
+                c / SECTOR * SECTOR
+            } else {
+                c
+            }
+        })
+        .filter(|&c| c > 0 && c < len)
+        .collect();
+    cuts.push(0);
+    cuts.push(len);
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2)
+        .map(|w| {
+            let addr = match rng.below(4) {
+                0 | 1 => next.next_multiple_of(4096),
+                2 => next.next_multiple_of(SECTOR),
+                _ => *next + 1 + rng.below(SECTOR - 1),
+            };
+            *next = addr + (w[1] - w[0]);
+            (GuestAddress(addr), (w[1] - w[0]) as u32)
+        })
+        .collect()
+}
+
+/// A batch of up to 24 ops on sector ranges that do not overlap; most fall in a hot 64 KiB so
+/// that they share blocks.
+fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
+    let sectors = size / SECTOR;
+    let mut taken: Vec<(u64, u64)> = Vec::new();
+    let mut ops = Vec::new();
+    // Start some batches just below the boundary between the two regions.
+    let mut next = if rng.below(4) == 0 {
+        GUEST_BASE + REGION - rng.below(64 << 10)
+    } else {
+        GUEST_BASE + rng.below(4096)
+    };
+    let mut big = false;
+    for _ in 0..1 + rng.below(24) {
+        let kind = match rng.below(20) {
+            0 => Kind::Flush,
+            1..=8 => Kind::Read,
+            n => Kind::Write { fua: n < 12 },
+        };
+        if kind == Kind::Flush {
+            ops.push(TestOp {
+                kind,
+                offset: 0,
+                len: 0,
+                segs: Vec::new(),
+                data: Vec::new(),
+            });
+            continue;
+        }
+        let (start, n) = match rng.below(10) {
+            0..=5 => (rng.below(128), 1 + rng.below(16)),
+            6 if !big => {
+                big = true;
+                let n = 1024 + rng.below(1024);
+                (rng.below(sectors - n), n)
+            }
+            _ => {
+                let n = 1 + rng.below(256);
+                (rng.below(sectors - n), n)
+            }
+        };
+        let (lo, hi) = (start, (start + n).min(sectors));
+        if taken.iter().any(|&(a, b)| lo < b && a < hi) {
+            continue;
+        }
+        taken.push((lo, hi));
+        let len = (hi - lo) * SECTOR;
+        let segs = segments(rng, len, &mut next);
+        let data = match kind {
+            Kind::Write { .. } => rng.bytes(len as usize),
+            _ => Vec::new(),
+        };
+        ops.push(TestOp {
+            kind,
+            offset: lo * SECTOR,
+            len,
+            segs,
+            data,
+        });
+    }
+    assert!(next < GUEST_BASE + 2 * REGION, "batch fits in guest memory");
+    ops
+}
+
+fn model_run(tag: &str, align: (Option<u64>, Option<u64>), uring: bool, seed: u64) {
+    const SIZE: u64 = 4 << 20;
+    let mut h = Harness::new(tag, SIZE, seed, align, uring);
+    let mut rng = Rng(seed);
+    for round in 1..=150 {
+        let ops = random_batch(&mut rng, SIZE);
+        h.batch(&ops);
+        if round % 25 == 0 {
+            h.check_file();
+        }
+    }
+}
+
+#[test]
+fn random_batches_match_the_model_at_the_filesystems_alignment() {
+    model_run("native-uring", (None, None), true, 0x9e37_79b9_7f4a_7c15);
+    model_run("native-pool", (None, None), false, 0xc2b2_ae3d_27d4_eb4f);
+}
+
+#[test]
+fn random_batches_match_the_model_with_4k_file_offsets() {
+    model_run("rmw-uring", (Some(4096), None), true, 0x1656_67b1_9e37_79f9);
+    model_run("rmw-pool", (Some(4096), None), false, 0x85eb_ca77_c2b2_ae63);
+}
+
+#[test]
+fn random_batches_match_the_model_with_4k_memory_alignment() {
+    model_run(
+        "bounce-uring",
+        (None, Some(4096)),
+        true,
+        0x27d4_eb2f_1656_67c5,
+    );
+    model_run(
+        "bounce-pool",
+        (None, Some(4096)),
+        false,
+        0x94d0_49bb_1331_11eb,
+    );
+}
+
+/// A sub-block write too large to bounce at once goes a chunk at a time, with its partial first
+/// and last blocks read first, next to in-flight writes to the neighbouring sectors.
+#[test]
+fn a_sub_block_request_past_the_bounce_budget_goes_in_chunks() {
+    const SIZE: u64 = 40 << 20;
+    for uring in [true, false] {
+        let mut h = Harness::new("chunked", SIZE, 7, (Some(4096), None), uring);
+        let mut rng = Rng(0xdead_beef);
+        let offset = 3 * 4096 + SECTOR;
+        let len = BOUNCE_BUDGET as u64 / 2 + 3 * SECTOR;
+        let mut next = GUEST_BASE + 1;
+        let big = TestOp {
+            kind: Kind::Write { fua: false },
+            offset,
+            len,
+            segs: segments(&mut rng, len, &mut next),
+            data: rng.bytes(len as usize),
+        };
+        // Sectors just before and just after it, in its first and last blocks.
+        let mut neighbour = |offset: u64, next: &mut u64| TestOp {
+            kind: Kind::Write { fua: false },
+            offset,
+            len: SECTOR,
+            segs: segments(&mut rng, SECTOR, next),
+            data: vec![0x3c; SECTOR as usize],
+        };
+        let before = neighbour(offset - SECTOR, &mut next);
+        let after = neighbour(offset + len, &mut next);
+        h.batch(&[before, big, after]);
+        h.check_file();
+        let mut next = GUEST_BASE + 3;
+        let read = TestOp {
+            kind: Kind::Read,
+            offset,
+            len,
+            segs: segments(&mut rng, len, &mut next),
+            data: Vec::new(),
+        };
+        h.batch(&[read]);
+    }
+}
