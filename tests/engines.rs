@@ -1,5 +1,6 @@
 //! Engine-specific behaviour of the real daemon: engine selection, the thread-pool fallback
-//! where io_uring is forbidden, and read-modify-write ordering on a 4 KiB-sector device.
+//! where io_uring is forbidden, and read-modify-write ordering on a 4 KiB-sector device (against
+//! other writes and against write-zeroes).
 
 mod common;
 
@@ -181,6 +182,60 @@ fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
     }
     drop(c);
     d.assert_alive("after concurrent read-modify-write");
+}
+
+/// Write-zeroes of part of a 4 KiB block, in flight with a 512-byte write to another sector of
+/// the same block: the write's read-modify-write must not put the old sectors back over the
+/// zeros. On one queue (write first, so its block is read before the zeroing runs) and across
+/// both queues.
+#[test]
+fn sub_block_write_zeroes_next_to_a_read_modify_write_stays_zero() {
+    let dir = TestDir::new("rmw-zeroes");
+    let backing = create_image(&dir.join("backing.img"), 8 * MIB);
+    let lo = Loop4k::new(&backing).expect("losetup --sector-size 4096 (needs root)");
+    let d = Daemon::start(&dir, &lo.dev, &["--engine", "direct"]);
+    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    const BLOCKS: u64 = 64;
+    let old = vec![0xee; (BLOCKS * 4096) as usize];
+    c.write_data(0, 0, &old);
+    c.buf(0, 512).fill(0x33);
+    let ptr = c.mem.ptr(0, 512);
+    let mut submitted = [0usize; 2];
+    for blk in 0..BLOCKS {
+        let (wq, zq) = if blk % 2 == 0 { (0, 0) } else { (0, 1) };
+        // Sector 3 gets data; sectors 4-7 (the rest of the block) get zeros.
+        let sector = |s: u64| (blk * 8 + s) * 512;
+        c.queues[wq].write(sector(3), ptr, 512, blk as usize, ReqFlags::empty());
+        c.queues[zq].write_zeroes(sector(4), 4 * 512, blk as usize, ReqFlags::empty());
+        submitted[wq] += 1;
+        submitted[zq] += 1;
+    }
+    for q in 0..2 {
+        kick(&mut c.queues[q]);
+    }
+    for (q, n) in submitted.iter().enumerate() {
+        for comp in wait_completions(&mut c.queues[q], *n) {
+            assert_eq!(comp.ret, 0, "block {} failed on queue {q}", comp.user_data);
+        }
+    }
+    let back = c.read_data(0, 0, (BLOCKS * 4096) as usize);
+    for blk in 0..BLOCKS as usize {
+        for s in 0..8 {
+            let want = match s {
+                0..=2 => 0xee,
+                3 => 0x33,
+                _ => 0,
+            };
+            let at = (blk * 8 + s) * 512;
+            assert!(
+                back[at..at + 512].iter().all(|&b| b == want),
+                "block {blk} sector {s}: got {:#x}, want {want:#x}",
+                back[at]
+            );
+        }
+    }
+    drop(c);
+    d.assert_alive("after write-zeroes next to read-modify-write");
 }
 
 /// `--cpu-affinity`: each queue's worker thread runs only on its CPU from the list.

@@ -484,8 +484,17 @@ impl EngineQueue for AsyncQueue {
             })),
             other => {
                 // Discard / write-zeroes are rare and metadata-only: run them inline on the
-                // buffered fd, which accepts any sector alignment.
-                let r = sync::execute(&self.sync_file, self.zero_range, other);
+                // buffered fd, which accepts any sector alignment. A range that ends inside a
+                // block first waits for read-modify-writes of that block: one that read the
+                // block before the zeroing would write the old sectors back after it.
+                let fenced = match (&mut self.planner, &other) {
+                    (Some(pl), Op::Discard { ranges } | Op::WriteZeroes { ranges, .. }) => {
+                        pl.fence_partial_blocks(ranges, &mut self.st)
+                    }
+                    _ => Ok(Vec::new()),
+                };
+                let r = fenced
+                    .and_then(|_tickets| sync::execute(&self.sync_file, self.zero_range, other));
                 self.st.done.push(Completion { tag, result: r });
                 return;
             }

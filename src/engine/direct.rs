@@ -442,6 +442,38 @@ impl Planner {
         result
     }
 
+    /// Takes the gate exclusively on every block that `ranges` (bytes) cover only in part, for
+    /// as long as the returned tickets live. Whole blocks need no fence: a write there overlaps
+    /// the range itself, and the guest gets no ordering for overlapping requests in flight.
+    pub fn fence_partial_blocks(
+        &mut self,
+        ranges: &[(u64, u64)],
+        sub: &mut dyn Submitter,
+    ) -> io::Result<Vec<GateTicket>> {
+        let Some(g) = &self.shared.gate else {
+            return Ok(Vec::new());
+        };
+        let a = self.shared.align.offset;
+        let mut blocks: Vec<u64> = ranges
+            .iter()
+            .filter(|&&(_, len)| len > 0)
+            .flat_map(|&(off, len)| {
+                let end = off.saturating_add(len);
+                let head = (!off.is_multiple_of(a)).then(|| align_down(off, a));
+                let tail = (!end.is_multiple_of(a)).then(|| align_down(end, a));
+                head.into_iter().chain(tail)
+            })
+            .collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        // Distinct blocks never conflict with each other, so taking them one by one cannot
+        // wait on our own tickets.
+        blocks
+            .into_iter()
+            .map(|b| acquire(g, b, b + a, true, sub))
+            .collect()
+    }
+
     fn plan_aligned(
         &mut self,
         kind: IoKind,

@@ -1,6 +1,7 @@
 //! The direct engine against a model of the image.
 //!
-//! Random batches of reads, writes (some FUA) and flushes are submitted together and reaped,
+//! Random batches of reads, writes (some FUA), flushes, discards and write-zeroes are submitted
+//! together and reaped,
 //! then checked: reads against the model, and the whole file against it every few batches.
 //! Ranges within a batch never share a sector but often share a block, so read-modify-write
 //! runs next to writes to the other sectors of its blocks. Guest buffers are split into
@@ -46,8 +47,15 @@ impl Rng {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Read,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
+    /// Both read back as zeros afterwards.
+    Discard,
+    WriteZeroes {
+        unmap: bool,
+    },
 }
 
 /// One request of a batch: `len` bytes at `offset`, in guest segments `segs`.
@@ -118,6 +126,7 @@ impl Harness {
                 Kind::Read => Permissions::Write,
                 _ => Permissions::Read,
             };
+            let ranges = || vec![(op.offset, op.len)];
             let mut at = 0usize;
             for &(addr, len) in &op.segs {
                 let len = len as usize;
@@ -134,6 +143,11 @@ impl Harness {
             let bufs = || GuestIoVecs::new(&self.mem, &op.segs, access).expect("iovecs");
             let engine_op = match op.kind {
                 Kind::Flush => Op::Flush,
+                Kind::Discard => Op::Discard { ranges: ranges() },
+                Kind::WriteZeroes { unmap } => Op::WriteZeroes {
+                    ranges: ranges(),
+                    unmap,
+                },
                 Kind::Read => Op::Read {
                     offset: op.offset,
                     bufs: bufs(),
@@ -164,7 +178,7 @@ impl Harness {
         for c in &done {
             let op = &ops[c.tag as usize];
             match &c.result {
-                Ok(n) if op.kind == Kind::Flush || *n == op.len => {}
+                Ok(n) if *n == op.len || !matches!(op.kind, Kind::Read | Kind::Write { .. }) => {}
                 other => panic!("{}: {op:?} completed with {other:?}", self.what),
             }
         }
@@ -186,6 +200,7 @@ impl Harness {
                     }
                 }
                 Kind::Write { .. } => self.model[range].copy_from_slice(&op.data),
+                Kind::Discard | Kind::WriteZeroes { .. } => self.model[range].fill(0),
                 Kind::Flush => {}
             }
         }
@@ -251,10 +266,13 @@ fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
     };
     let mut big = false;
     for _ in 0..1 + rng.below(24) {
-        let kind = match rng.below(20) {
+        let kind = match rng.below(24) {
             0 => Kind::Flush,
-            1..=8 => Kind::Read,
-            n => Kind::Write { fua: n < 12 },
+            1 => Kind::Discard,
+            2 => Kind::WriteZeroes { unmap: false },
+            3 => Kind::WriteZeroes { unmap: true },
+            4..=11 => Kind::Read,
+            n => Kind::Write { fua: n < 15 },
         };
         if kind == Kind::Flush {
             ops.push(TestOp {
@@ -284,7 +302,10 @@ fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
         }
         taken.push((lo, hi));
         let len = (hi - lo) * SECTOR;
-        let segs = segments(rng, len, &mut next);
+        let segs = match kind {
+            Kind::Read | Kind::Write { .. } => segments(rng, len, &mut next),
+            _ => Vec::new(),
+        };
         let data = match kind {
             Kind::Write { .. } => rng.bytes(len as usize),
             _ => Vec::new(),
