@@ -550,7 +550,3 @@ fn acquire(
         }
     }
 }
-
-#[cfg(test)]
-#[path = "direct_tests.rs"]
-mod tests;

@@ -13,6 +13,9 @@ pub mod faulty;
 pub mod mapped;
 pub mod sync;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::io;
 use std::os::fd::RawFd;
 

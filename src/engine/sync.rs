@@ -39,6 +39,11 @@ impl SyncEngine {
             zero_range: image.zero_range,
         }
     }
+
+    /// Serves reads and writes through a mapping of the image (tmpfs) rather than syscalls.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
 }
 
 impl Engine for SyncEngine {

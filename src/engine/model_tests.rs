@@ -1,4 +1,4 @@
-//! The direct engine against a model of the image.
+//! Engines against a model of the image.
 //!
 //! Random batches of reads, writes (some FUA), flushes, discards and write-zeroes are submitted
 //! together and reaped,
@@ -6,18 +6,24 @@
 //! Ranges within a batch never share a sector but often share a block, so read-modify-write
 //! runs next to writes to the other sectors of its blocks. Guest buffers are split into
 //! segments at any byte, at any address, across two adjacent regions at a high base (as libblkio
-//! places them). Each alignment the planner handles runs on io_uring and on the thread pool:
-//! the filesystem's own, 4 KiB file offsets (sub-block requests widened, RMW under the gate),
-//! and 4 KiB memory alignment (most buffers bounced).
+//! places them).
+//!
+//! The direct engine runs each alignment its planner handles on io_uring and on the thread
+//! pool: the filesystem's own, 4 KiB file offsets (sub-block requests widened, RMW under the
+//! gate), and 4 KiB memory alignment (most buffers bounced). The sync engine runs on a disk
+//! filesystem (positional I/O) and on tmpfs (the image mapping).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
-use super::*;
+use super::direct::{BOUNCE_BUDGET, DioAlign, DirectEngine, open_direct};
+use super::sync::SyncEngine;
+use super::{Engine, EngineQueue, Op};
+use crate::blk::GuestIoVecs;
 use crate::blk::iov::GuestMem;
-use crate::engine::Op;
+use crate::image::Image;
 
 const SECTOR: u64 = 512;
 /// Guest memory: two adjacent regions at a high address.
@@ -69,53 +75,71 @@ struct TestOp {
     data: Vec<u8>,
 }
 
-/// A scratch image under `target/` (a disk filesystem, where O_DIRECT works; /tmp may be tmpfs),
-/// its engine queue, guest memory and the model of its contents.
+/// A disk filesystem, where O_DIRECT works (/tmp may be tmpfs elsewhere).
+fn disk_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target")
+}
+
+/// A scratch image, its engine queue, guest memory and the model of the image's contents.
 struct Harness {
     path: PathBuf,
     model: Vec<u8>,
     mem: Arc<GuestMem>,
     q: Box<dyn EngineQueue>,
-    _engine: DirectEngine,
+    _engine: Box<dyn Engine>,
     what: String,
 }
 
 impl Harness {
-    /// `align` = (file offset, memory) alignment, each overriding the probed one when given.
+    /// A random image of `size` bytes in `dir`, served by the engine `open` returns (with a
+    /// description for failure messages).
     fn new(
         tag: &str,
+        dir: &Path,
         size: u64,
         seed: u64,
-        align: (Option<u64>, Option<u64>),
-        uring: bool,
+        open: impl FnOnce(&Image) -> (Box<dyn Engine>, String),
     ) -> Self {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
-        let path = dir.join(format!("direct-model-{tag}-{}", std::process::id()));
+        let path = dir.join(format!("vublk-model-{tag}-{}", std::process::id()));
         let model = Rng(seed ^ 0x5eed).bytes(size as usize);
-        std::fs::write(&path, &model).expect("scratch image under target/");
+        std::fs::write(&path, &model).expect("scratch image");
         let image = Image::open(&path, false, 512).expect("scratch image opens");
-        let (file, native) =
-            open_direct(&path, false).expect("O_DIRECT works on the filesystem that holds target/");
-        let align = DioAlign {
-            offset: align.0.unwrap_or(native.offset),
-            mem: align.1.unwrap_or(native.mem),
-        };
-        let engine = DirectEngine::new(&image, file, align, uring).expect("direct engine");
+        let (engine, how) = open(&image);
         let q = engine.new_queue().expect("engine queue");
         let mem = GuestMem::from_ranges(&[
             (GuestAddress(GUEST_BASE), REGION as usize),
             (GuestAddress(GUEST_BASE + REGION), REGION as usize),
         ])
         .expect("guest memory");
-        let what = format!("{tag}: seed {seed:#x}, alignment {align:?}, io_uring {uring}");
         Harness {
             path,
             model,
             mem: Arc::new(mem),
             q,
             _engine: engine,
-            what,
+            what: format!("{tag}: seed {seed:#x}, {how}"),
         }
+    }
+
+    /// The direct engine; `align` = (file offset, memory) alignment, each overriding the
+    /// probed one when given.
+    fn direct(
+        tag: &str,
+        size: u64,
+        seed: u64,
+        align: (Option<u64>, Option<u64>),
+        uring: bool,
+    ) -> Self {
+        Harness::new(tag, &disk_dir(), size, seed, |image| {
+            let (file, native) = open_direct(&image.path, false)
+                .expect("O_DIRECT works on the filesystem that holds target/");
+            let align = DioAlign {
+                offset: align.0.unwrap_or(native.offset),
+                mem: align.1.unwrap_or(native.mem),
+            };
+            let e = DirectEngine::new(image, file, align, uring).expect("direct engine");
+            (Box::new(e), format!("direct, {align:?}, io_uring {uring}"))
+        })
     }
 
     /// Submits `ops` at once, reaps them all, checks each result and every read's bytes, then
@@ -322,12 +346,12 @@ fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
     ops
 }
 
-fn model_run(tag: &str, align: (Option<u64>, Option<u64>), uring: bool, seed: u64) {
-    const SIZE: u64 = 4 << 20;
-    let mut h = Harness::new(tag, SIZE, seed, align, uring);
+const MODEL_SIZE: u64 = 4 << 20;
+
+fn model_run(mut h: Harness, seed: u64) {
     let mut rng = Rng(seed);
     for round in 1..=150 {
-        let ops = random_batch(&mut rng, SIZE);
+        let ops = random_batch(&mut rng, MODEL_SIZE);
         h.batch(&ops);
         if round % 25 == 0 {
             h.check_file();
@@ -335,32 +359,61 @@ fn model_run(tag: &str, align: (Option<u64>, Option<u64>), uring: bool, seed: u6
     }
 }
 
+/// The model on the direct engine with `align`, on io_uring and on the thread pool.
+fn direct_model(name: &str, align: (Option<u64>, Option<u64>), seeds: [u64; 2]) {
+    for (uring, seed) in [(true, seeds[0]), (false, seeds[1])] {
+        let tag = format!("{name}-{}", if uring { "uring" } else { "pool" });
+        model_run(Harness::direct(&tag, MODEL_SIZE, seed, align, uring), seed);
+    }
+}
+
 #[test]
 fn random_batches_match_the_model_at_the_filesystems_alignment() {
-    model_run("native-uring", (None, None), true, 0x9e37_79b9_7f4a_7c15);
-    model_run("native-pool", (None, None), false, 0xc2b2_ae3d_27d4_eb4f);
+    direct_model(
+        "native",
+        (None, None),
+        [0x9e37_79b9_7f4a_7c15, 0xc2b2_ae3d_27d4_eb4f],
+    );
 }
 
 #[test]
 fn random_batches_match_the_model_with_4k_file_offsets() {
-    model_run("rmw-uring", (Some(4096), None), true, 0x1656_67b1_9e37_79f9);
-    model_run("rmw-pool", (Some(4096), None), false, 0x85eb_ca77_c2b2_ae63);
+    direct_model(
+        "rmw",
+        (Some(4096), None),
+        [0x1656_67b1_9e37_79f9, 0x85eb_ca77_c2b2_ae63],
+    );
 }
 
 #[test]
 fn random_batches_match_the_model_with_4k_memory_alignment() {
-    model_run(
-        "bounce-uring",
+    direct_model(
+        "bounce",
         (None, Some(4096)),
-        true,
-        0x27d4_eb2f_1656_67c5,
+        [0x27d4_eb2f_1656_67c5, 0x94d0_49bb_1331_11eb],
     );
-    model_run(
-        "bounce-pool",
-        (None, Some(4096)),
-        false,
-        0x94d0_49bb_1331_11eb,
+}
+
+/// The sync engine on a disk filesystem (positional I/O) and on tmpfs (the image mapping,
+/// whose discards must drop pages from the mapping as well as from the file).
+#[test]
+fn random_batches_match_the_model_on_the_sync_engine() {
+    let shm = Path::new("/dev/shm");
+    assert!(
+        shm.is_dir(),
+        "/dev/shm (tmpfs) is needed for the mapped path"
     );
+    for (tag, dir, seed, mapped) in [
+        ("sync-disk", disk_dir(), 0x2545_f491_4f6c_dd1d, false),
+        ("sync-tmpfs", shm.to_path_buf(), 0xbf58_476d_1ce4_e5b9, true),
+    ] {
+        let h = Harness::new(tag, &dir, MODEL_SIZE, seed, |image| {
+            let e = SyncEngine::new(image);
+            assert_eq!(e.is_mapped(), mapped, "{tag}: image mapping");
+            (Box::new(e), format!("sync, mapped {mapped}"))
+        });
+        model_run(h, seed);
+    }
 }
 
 /// A sub-block write too large to bounce at once goes a chunk at a time, with its partial first
@@ -369,7 +422,7 @@ fn random_batches_match_the_model_with_4k_memory_alignment() {
 fn a_sub_block_request_past_the_bounce_budget_goes_in_chunks() {
     const SIZE: u64 = 40 << 20;
     for uring in [true, false] {
-        let mut h = Harness::new("chunked", SIZE, 7, (Some(4096), None), uring);
+        let mut h = Harness::direct("chunked", SIZE, 7, (Some(4096), None), uring);
         let mut rng = Rng(0xdead_beef);
         let offset = 3 * 4096 + SECTOR;
         let len = BOUNCE_BUDGET as u64 / 2 + 3 * SECTOR;
