@@ -1,12 +1,11 @@
 //! Engines against a model of the image.
 //!
 //! Random batches of reads, writes (some FUA), flushes, discards and write-zeroes are submitted
-//! together and reaped,
-//! then checked: reads against the model, and the whole file against it every few batches.
-//! Ranges within a batch never share a sector but often share a block, so read-modify-write
-//! runs next to writes to the other sectors of its blocks. Guest buffers are split into
-//! segments at any byte, at any address, across two adjacent regions at a high base (as libblkio
-//! places them).
+//! together and reaped, then checked: reads against the model, and the whole file against it
+//! every few batches. Ranges within a batch never share a sector but often share a block, so
+//! read-modify-write runs next to writes and zeroing of the other sectors of its blocks. Guest
+//! buffers are split into segments at any byte, at any address, across two adjacent regions at
+//! a high base (as libblkio places them).
 //!
 //! The direct engine runs each alignment its planner handles on io_uring and on the thread
 //! pool: the filesystem's own, 4 KiB file offsets (sub-block requests widened, RMW under the
