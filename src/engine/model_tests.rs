@@ -7,6 +7,9 @@
 //! buffers are split into segments at any byte, at any address, across two adjacent regions at
 //! a high base (as libblkio places them).
 //!
+//! Each batch is split between two queues of one engine, each submitted and reaped by its own
+//! thread, as the daemon's queue workers do.
+//!
 //! The direct engine runs each alignment its planner handles on io_uring and on the thread
 //! pool: the filesystem's own, 4 KiB file offsets (sub-block requests widened, RMW under the
 //! gate), and 4 KiB memory alignment (most buffers bounced). The sync engine runs on a disk
@@ -72,6 +75,8 @@ struct TestOp {
     segs: Vec<(GuestAddress, u32)>,
     /// What a write puts there.
     data: Vec<u8>,
+    /// Which of the harness's queues submits it.
+    queue: usize,
 }
 
 /// A disk filesystem, where O_DIRECT works (/tmp may be tmpfs elsewhere).
@@ -84,7 +89,8 @@ struct Harness {
     path: PathBuf,
     model: Vec<u8>,
     mem: Arc<GuestMem>,
-    q: Box<dyn EngineQueue>,
+    /// Two queues, each driven by its own thread during a batch, as the daemon's workers are.
+    queues: Vec<Box<dyn EngineQueue>>,
     _engine: Box<dyn Engine>,
     what: String,
 }
@@ -104,7 +110,9 @@ impl Harness {
         std::fs::write(&path, &model).expect("scratch image");
         let image = Image::open(&path, false, 512).expect("scratch image opens");
         let (engine, how) = open(&image);
-        let q = engine.new_queue().expect("engine queue");
+        let queues = (0..2)
+            .map(|_| engine.new_queue().expect("engine queue"))
+            .collect();
         let mem = GuestMem::from_ranges(&[
             (GuestAddress(GUEST_BASE), REGION as usize),
             (GuestAddress(GUEST_BASE + REGION), REGION as usize),
@@ -114,7 +122,7 @@ impl Harness {
             path,
             model,
             mem: Arc::new(mem),
-            q,
+            queues,
             _engine: engine,
             what: format!("{tag}: seed {seed:#x}, {how}"),
         }
@@ -141,9 +149,11 @@ impl Harness {
         })
     }
 
-    /// Submits `ops` at once, reaps them all, checks each result and every read's bytes, then
-    /// applies the writes to the model. Ops must not share a sector.
+    /// Submits `ops` at once (each queue's share from its own thread), reaps them all, checks
+    /// each result and every read's bytes, then applies the writes to the model. Ops must not
+    /// share a sector.
     fn batch(&mut self, ops: &[TestOp]) {
+        let mut per_queue: Vec<Vec<(u64, Op)>> = self.queues.iter().map(|_| Vec::new()).collect();
         for (tag, op) in ops.iter().enumerate() {
             let access = match op.kind {
                 Kind::Read => Permissions::Write,
@@ -181,17 +191,20 @@ impl Harness {
                     fua,
                 },
             };
-            self.q.submit(tag as u64, engine_op);
+            per_queue[op.queue % self.queues.len()].push((tag as u64, engine_op));
         }
-        self.q.commit();
-        let mut done = Vec::new();
-        loop {
-            self.q.reap(&mut done);
-            if self.q.in_flight() == 0 {
-                break;
-            }
-            self.q.wait();
-        }
+        let done: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = self
+                .queues
+                .iter_mut()
+                .zip(per_queue)
+                .map(|(q, work)| scope.spawn(move || run_queue(q.as_mut(), work)))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("queue thread"))
+                .collect()
+        });
         assert_eq!(
             done.len(),
             ops.len(),
@@ -235,6 +248,22 @@ impl Harness {
         if let Some(i) = (0..got.len()).find(|&i| got[i] != self.model[i]) {
             panic!("{}: image differs from the model at byte {i}", self.what);
         }
+    }
+}
+
+/// Submits `work` on `q`, commits once, and reaps until nothing is in flight.
+fn run_queue(q: &mut dyn EngineQueue, work: Vec<(u64, Op)>) -> Vec<super::Completion> {
+    for (tag, op) in work {
+        q.submit(tag, op);
+    }
+    q.commit();
+    let mut done = Vec::new();
+    loop {
+        q.reap(&mut done);
+        if q.in_flight() == 0 {
+            return done;
+        }
+        q.wait();
     }
 }
 
@@ -304,6 +333,7 @@ fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
                 len: 0,
                 segs: Vec::new(),
                 data: Vec::new(),
+                queue: rng.below(2) as usize,
             });
             continue;
         }
@@ -339,6 +369,7 @@ fn random_batch(rng: &mut Rng, size: u64) -> Vec<TestOp> {
             len,
             segs,
             data,
+            queue: rng.below(2) as usize,
         });
     }
     assert!(next < GUEST_BASE + 2 * REGION, "batch fits in guest memory");
@@ -432,17 +463,20 @@ fn a_sub_block_request_past_the_bounce_budget_goes_in_chunks() {
             len,
             segs: segments(&mut rng, len, &mut next),
             data: rng.bytes(len as usize),
+            queue: 0,
         };
-        // Sectors just before and just after it, in its first and last blocks.
-        let mut neighbour = |offset: u64, next: &mut u64| TestOp {
+        // Sectors just before and just after it, in its first and last blocks: one from the
+        // other queue, one from the same.
+        let mut neighbour = |offset: u64, next: &mut u64, queue: usize| TestOp {
             kind: Kind::Write { fua: false },
             offset,
             len: SECTOR,
             segs: segments(&mut rng, SECTOR, next),
             data: vec![0x3c; SECTOR as usize],
+            queue,
         };
-        let before = neighbour(offset - SECTOR, &mut next);
-        let after = neighbour(offset + len, &mut next);
+        let before = neighbour(offset - SECTOR, &mut next, 1);
+        let after = neighbour(offset + len, &mut next, 0);
         h.batch(&[before, big, after]);
         h.check_file();
         let mut next = GUEST_BASE + 3;
@@ -452,6 +486,7 @@ fn a_sub_block_request_past_the_bounce_budget_goes_in_chunks() {
             len,
             segs: segments(&mut rng, len, &mut next),
             data: Vec::new(),
+            queue: 1,
         };
         h.batch(&[read]);
     }
