@@ -74,8 +74,12 @@ pub fn skip_atime(file: &File) {
     }
 }
 
-/// The file lives on tmpfs.
+/// The image is a regular file on tmpfs. A block device is never: fstatfs on its node reports
+/// the filesystem the node lives in, and /dev is devtmpfs, which says TMPFS_MAGIC.
 pub fn on_tmpfs(file: &File) -> bool {
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     // SAFETY: statfs is plain data filled by the kernel for a valid fd.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and a live statfs buffer.

@@ -51,6 +51,23 @@ fn auto_picks_direct_on_a_disk_filesystem() {
     );
 }
 
+/// A block device is never "on tmpfs", although its node in /dev is (devtmpfs): auto must pick
+/// direct for it, not the page-cache engine.
+#[test]
+fn auto_picks_direct_on_a_block_device() {
+    let dir = TestDir::new("auto-blk");
+    let backing = create_image(&dir.join("backing.img"), 16 * MIB);
+    let lo = Loop::new(&backing, 512).expect("losetup (needs root)");
+    let d = Daemon::start(&dir, &lo.dev, &["--engine", "auto"]);
+    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    roundtrip(&mut c, 12);
+    let log = d.stderr();
+    assert!(
+        log.contains("engine auto: using direct") && log.contains("engine direct"),
+        "auto must pick direct for a block device:\n{log}"
+    );
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn direct_engine_falls_back_to_threads_when_seccomp_denies_io_uring() {
@@ -89,15 +106,15 @@ fn direct_engine_falls_back_to_threads_when_seccomp_denies_io_uring() {
     );
 }
 
-/// A loop device with 4096-byte sectors over a file; detached on drop.
-struct Loop4k {
+/// A loop device over a file; detached on drop.
+struct Loop {
     dev: PathBuf,
 }
 
-impl Loop4k {
-    fn new(backing: &Path) -> Option<Loop4k> {
+impl Loop {
+    fn new(backing: &Path, sector_size: u32) -> Option<Loop> {
         let out = Command::new("losetup")
-            .args(["--sector-size", "4096", "-f", "--show"])
+            .args(["--sector-size", &sector_size.to_string(), "-f", "--show"])
             .arg(backing)
             .output()
             .ok()?;
@@ -106,11 +123,11 @@ impl Loop4k {
             return None;
         }
         let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(Loop4k { dev: dev.into() })
+        Some(Loop { dev: dev.into() })
     }
 }
 
-impl Drop for Loop4k {
+impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
@@ -124,7 +141,7 @@ impl Drop for Loop4k {
 fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
     let dir = TestDir::new("rmw");
     let backing = create_image(&dir.join("backing.img"), 8 * MIB);
-    let lo = Loop4k::new(&backing).expect("losetup --sector-size 4096 (needs root)");
+    let lo = Loop::new(&backing, 4096).expect("losetup --sector-size 4096 (needs root)");
     let d = Daemon::start(&dir, &lo.dev, &["--engine", "direct"]);
     assert!(
         d.stderr().contains("offset 4096 bytes"),
@@ -192,7 +209,7 @@ fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
 fn sub_block_write_zeroes_next_to_a_read_modify_write_stays_zero() {
     let dir = TestDir::new("rmw-zeroes");
     let backing = create_image(&dir.join("backing.img"), 8 * MIB);
-    let lo = Loop4k::new(&backing).expect("losetup --sector-size 4096 (needs root)");
+    let lo = Loop::new(&backing, 4096).expect("losetup --sector-size 4096 (needs root)");
     let d = Daemon::start(&dir, &lo.dev, &["--engine", "direct"]);
     let mut c = Client::connect(d.socket.as_ref().unwrap());
     const BLOCKS: u64 = 64;

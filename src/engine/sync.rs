@@ -24,8 +24,7 @@ pub struct SyncEngine {
 
 impl SyncEngine {
     pub fn new(image: &Image) -> Self {
-        let regular = image.file.metadata().is_ok_and(|m| m.is_file());
-        let mapped = (regular && crate::image::on_tmpfs(&image.file))
+        let mapped = crate::image::on_tmpfs(&image.file)
             .then(|| Mapped::open(&image.file))
             .flatten()
             .map(Arc::new);
