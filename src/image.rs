@@ -146,6 +146,13 @@ impl Image {
         }
         let (discard, zero_range) = if read_only {
             (false, false)
+        } else if is_blk {
+            // Nothing lies past a device's end to probe on. Its fallocate zero-range is the
+            // kernel's zeroout (the device's WRITE ZEROES, else zero bios) and drops the range
+            // from the page cache; where it fails, WRITE_ZEROES falls back to writing zeros.
+            // Discard stays off: a device's punch-hole needs hardware support we cannot probe
+            // without touching data.
+            (false, true)
         } else {
             probe_fallocate(&file, size, logical_block_size)
         };
