@@ -132,6 +132,10 @@ if [[ $BACKEND == vublk ]]; then
     if [[ ${IMG_DIR:-/tmp} == /dev/shm* && $ENGINE == sync ]]; then
         if grep -q 'reading and writing through a mapping of the image' "$blog"; then ok mapped-io; else bad mapped-io "no mapping in the log"; fi
     fi
+    # A block device gets the direct engine from auto.
+    if [[ -n $loopdev && $ENGINE == auto ]]; then
+        if grep -q 'engine auto: using direct' "$blog"; then ok auto-direct; else bad auto-direct "$(grep -m1 'engine auto' "$blog")"; fi
+    fi
 fi
 
 # The backend must outlive its frontend, then stop cleanly on SIGTERM.

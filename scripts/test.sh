@@ -49,6 +49,9 @@ step "guest-test engine=direct with --poll-us 50"
 BACKEND=vublk ENGINE=direct VUBLK_ARGS="--poll-us 50" VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 step "guest-test engine=direct on a 4096-byte-sector loop device"
 BACKEND=vublk ENGINE=direct LOOP_SECTOR=4096 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
+# The default engine on a block device (what LVM or NVMe volumes are): auto must pick direct.
+step "guest-test engine=auto on a 512-byte-sector loop device"
+BACKEND=vublk ENGINE=auto LOOP_SECTOR=512 VUBLK_BIN=target/release/vublk scripts/guest-test.sh
 # Backend restarts under a guest with QEMU reconnect=1 (idle and during fio); docs/reconnect.md.
 for engine in sync direct; do
     step "reconnect-test engine=$engine"
