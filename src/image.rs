@@ -89,6 +89,8 @@ pub fn on_tmpfs(file: &File) -> bool {
 
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+// BLKSSZGET = _IO(0x12, 104)
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 impl Image {
     pub fn open(
@@ -150,9 +152,12 @@ impl Image {
             // Nothing lies past a device's end to probe on. Its fallocate zero-range is the
             // kernel's zeroout (the device's WRITE ZEROES, else zero bios) and drops the range
             // from the page cache; where it fails, WRITE_ZEROES falls back to writing zeros.
-            // Discard stays off: a device's punch-hole needs hardware support we cannot probe
-            // without touching data.
-            (false, true)
+            // Discard is offered when the device's queue takes discards or write-zeroes.
+            let limit = |attr| {
+                device_queue_limit(std::os::unix::fs::MetadataExt::rdev(&meta), attr).unwrap_or(0)
+            };
+            let discard = limit("discard_max_bytes") > 0 || limit("write_zeroes_max_bytes") > 0;
+            (discard, true)
         } else {
             probe_fallocate(&file, size, logical_block_size)
         };
@@ -173,6 +178,35 @@ impl Image {
             zero_range,
         })
     }
+}
+
+/// A limit from the sysfs queue directory of the block device `rdev` (a partition's is its
+/// disk's): `None` if it cannot be read.
+fn device_queue_limit(rdev: u64, attr: &str) -> Option<u64> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    [dev.join("queue"), dev.join("../queue")]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(q.join(attr)).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The logical block size of `file` if it is a block device.
+pub(crate) fn block_device_logical_block(file: &File) -> Option<u64> {
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    Some(if r == 0 && size > 0 { size as u64 } else { 512 })
 }
 
 pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {

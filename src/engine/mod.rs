@@ -35,7 +35,8 @@ pub enum Op {
     },
     /// Make every completed write durable.
     Flush,
-    /// Deallocate ranges; they read back as zeros afterwards.
+    /// Deallocate ranges. On a file they read back as zeros afterwards; a block device's
+    /// discard may leave old data (virtio allows either).
     Discard { ranges: Vec<(u64, u64)> },
     /// Zero ranges; `unmap` allows deallocating instead of writing zeros.
     WriteZeroes {

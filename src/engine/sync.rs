@@ -140,7 +140,7 @@ pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> 
         Op::Flush => file.sync_data().map(|_| 0),
         Op::Discard { ranges } => {
             for (off, len) in ranges {
-                fallocate(file, PUNCH, off, len)?;
+                discard(file, off, len)?;
             }
             Ok(0)
         }
@@ -153,6 +153,8 @@ pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> 
     }
 }
 
+/// BLKDISCARD = _IO(0x12, 119): discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
 pub(crate) const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 pub(crate) const ZERO: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
@@ -171,6 +173,33 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> i
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// Deallocates a range. A file gets a hole (reads back zeros). A block device gets a plain
+/// discard (BLKDISCARD: the range may keep its old data, which virtio allows), or, if its queue
+/// takes no discards, the kernel's zeroout with unmap allowed (punch-hole on a device), which
+/// needs its write-zeroes offload. A device refuses a range that is not aligned to its logical
+/// block, so only the aligned interior of such a range is deallocated: a discard is a hint.
+fn discard(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let Some(block) = crate::image::block_device_logical_block(file) else {
+        return fallocate(file, PUNCH, off, len);
+    };
+    let lo = off.next_multiple_of(block);
+    let hi = off.saturating_add(len) / block * block;
+    if hi <= lo {
+        return Ok(());
+    }
+    let range: [u64; 2] = [lo, hi - lo];
+    // SAFETY: BLKDISCARD reads two u64s (start, length) through the pointer, which points to a
+    // live local array.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+    if r == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => fallocate(file, PUNCH, lo, hi - lo),
+        e => Err(e),
     }
 }
 
