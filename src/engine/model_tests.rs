@@ -84,7 +84,7 @@ fn disk_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target")
 }
 
-/// A scratch image, its engine queue, guest memory and the model of the image's contents.
+/// A scratch image, two queues of its engine, guest memory and the model of the image's contents.
 struct Harness {
     path: PathBuf,
     model: Vec<u8>,
