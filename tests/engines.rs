@@ -56,12 +56,9 @@ fn auto_picks_direct_on_a_disk_filesystem() {
 #[test]
 fn auto_picks_direct_on_a_block_device() {
     let dir = TestDir::new("auto-blk");
-    let backing = create_image(&dir.join("backing.img"), 16 * MIB);
-    let lo = Loop::new(&backing, 512).expect("losetup (needs root)");
-    let d = Daemon::start(&dir, &lo.dev, &["--engine", "auto"]);
-    let mut c = Client::connect(d.socket.as_ref().unwrap());
-    roundtrip(&mut c, 12);
-    let log = d.stderr();
+    let mut env = serve_loop(&dir, 16 * MIB, 512, &["--engine", "auto"]);
+    roundtrip(&mut env.c, 12);
+    let log = env.d.stderr();
     assert!(
         log.contains("engine auto: using direct") && log.contains("engine direct"),
         "auto must pick direct for a block device:\n{log}"
@@ -133,6 +130,23 @@ impl Drop for Loop {
     }
 }
 
+/// A daemon started with `args` on a new loop device with `sector`-byte sectors over a
+/// `size`-byte file in `dir`, and a client connected to it. Fields drop in order: the client,
+/// the daemon, then the device.
+struct OnLoop {
+    c: Client,
+    d: Daemon,
+    lo: Loop,
+}
+
+fn serve_loop(dir: &TestDir, size: u64, sector: u32, args: &[&str]) -> OnLoop {
+    let backing = create_image(&dir.join("backing.img"), size);
+    let lo = Loop::new(&backing, sector).expect("losetup (needs root)");
+    let d = Daemon::start(dir, &lo.dev, args);
+    let c = Client::connect(d.socket.as_ref().unwrap());
+    OnLoop { c, d, lo }
+}
+
 /// 512-byte writes from two queues into the same 4 KiB blocks, all in flight at once: each
 /// needs read-modify-write of its block on a 4096-byte-sector device, and none may undo
 /// another (the engine's write gate orders them). Runs as root (CI does); elsewhere it says why
@@ -140,15 +154,13 @@ impl Drop for Loop {
 #[test]
 fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
     let dir = TestDir::new("rmw");
-    let backing = create_image(&dir.join("backing.img"), 8 * MIB);
-    let lo = Loop::new(&backing, 4096).expect("losetup --sector-size 4096 (needs root)");
-    let d = Daemon::start(&dir, &lo.dev, &["--engine", "direct"]);
+    // Bound in this order so that they drop client first, device last.
+    let OnLoop { lo: _lo, d, mut c } = serve_loop(&dir, 8 * MIB, 4096, &["--engine", "direct"]);
     assert!(
         d.stderr().contains("offset 4096 bytes"),
         "the engine must see the 4096-byte O_DIRECT alignment:\n{}",
         d.stderr()
     );
-    let mut c = Client::connect(d.socket.as_ref().unwrap());
     const BLOCKS: u64 = 64; // 64 blocks x 8 sectors = 512 concurrent writes
     for round in 0..4u64 {
         // Fill sector s of every block with a byte pattern unique to (round, block, sector).
@@ -171,34 +183,45 @@ fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
                 submitted[q] += 1;
             }
         }
-        for q in 0..2 {
-            kick(&mut c.queues[q]);
-        }
-        for (q, n) in submitted.iter().enumerate() {
-            let done: Vec<Completion> = wait_completions(&mut c.queues[q], *n);
-            for comp in done {
-                assert_eq!(
-                    comp.ret, 0,
-                    "write at {} failed on queue {q}",
-                    comp.user_data
-                );
-            }
-        }
-        let back = c.read_data(0, 0, (BLOCKS * 4096) as usize);
-        for blk in 0..BLOCKS {
-            for s in 0..8 {
-                let off = ((blk * 8 + s) * 512) as usize;
-                let want = fill(blk, s);
-                assert!(
-                    back[off..off + 512].iter().all(|&b| b == want),
-                    "round {round}: block {blk} sector {s} lost its write (got {:#x}, want {want:#x})",
-                    back[off]
-                );
-            }
-        }
+        kick_and_complete(&mut c, submitted);
+        assert_sectors(&mut c, BLOCKS, fill, &format!("round {round}"));
     }
     drop(c);
     d.assert_alive("after concurrent read-modify-write");
+}
+
+/// Kicks both queues and waits for `submitted[q]` completions on each; every one must succeed.
+fn kick_and_complete(c: &mut Client, submitted: [usize; 2]) {
+    for q in 0..2 {
+        kick(&mut c.queues[q]);
+    }
+    for (q, n) in submitted.iter().enumerate() {
+        let done: Vec<Completion> = wait_completions(&mut c.queues[q], *n);
+        for comp in done {
+            assert_eq!(
+                comp.ret, 0,
+                "request {} failed on queue {q}",
+                comp.user_data
+            );
+        }
+    }
+}
+
+/// Reads the first `blocks` 4 KiB blocks and checks that sector `s` of block `b` is all
+/// `want(b, s)`.
+fn assert_sectors(c: &mut Client, blocks: u64, want: impl Fn(u64, u64) -> u8, what: &str) {
+    let back = c.read_data(0, 0, (blocks * 4096) as usize);
+    for blk in 0..blocks {
+        for s in 0..8 {
+            let at = ((blk * 8 + s) * 512) as usize;
+            let w = want(blk, s);
+            assert!(
+                back[at..at + 512].iter().all(|&b| b == w),
+                "{what}: block {blk} sector {s} got {:#x}, want {w:#x}",
+                back[at]
+            );
+        }
+    }
 }
 
 /// Write-zeroes of part of a 4 KiB block, in flight with a 512-byte write to another sector of
@@ -208,10 +231,7 @@ fn concurrent_sub_block_writes_on_a_4k_device_lose_nothing() {
 #[test]
 fn sub_block_write_zeroes_next_to_a_read_modify_write_stays_zero() {
     let dir = TestDir::new("rmw-zeroes");
-    let backing = create_image(&dir.join("backing.img"), 8 * MIB);
-    let lo = Loop::new(&backing, 4096).expect("losetup --sector-size 4096 (needs root)");
-    let d = Daemon::start(&dir, &lo.dev, &["--engine", "direct"]);
-    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    let OnLoop { lo: _lo, d, mut c } = serve_loop(&dir, 8 * MIB, 4096, &["--engine", "direct"]);
     const BLOCKS: u64 = 64;
     let old = vec![0xee; (BLOCKS * 4096) as usize];
     c.write_data(0, 0, &old);
@@ -227,30 +247,19 @@ fn sub_block_write_zeroes_next_to_a_read_modify_write_stays_zero() {
         submitted[wq] += 1;
         submitted[zq] += 1;
     }
-    for q in 0..2 {
-        kick(&mut c.queues[q]);
-    }
-    for (q, n) in submitted.iter().enumerate() {
-        for comp in wait_completions(&mut c.queues[q], *n) {
-            assert_eq!(comp.ret, 0, "block {} failed on queue {q}", comp.user_data);
-        }
-    }
-    let back = c.read_data(0, 0, (BLOCKS * 4096) as usize);
-    for blk in 0..BLOCKS as usize {
-        for s in 0..8 {
-            let want = match s {
-                0..=2 => 0xee,
-                3 => 0x33,
-                _ => 0,
-            };
-            let at = (blk * 8 + s) * 512;
-            assert!(
-                back[at..at + 512].iter().all(|&b| b == want),
-                "block {blk} sector {s}: got {:#x}, want {want:#x}",
-                back[at]
-            );
-        }
-    }
+    kick_and_complete(&mut c, submitted);
+    // Sectors 0-2 keep their old bytes, 3 has the write, 4-7 are zeros.
+    let want = |_, s| match s {
+        0..=2 => 0xee,
+        3 => 0x33,
+        _ => 0,
+    };
+    assert_sectors(
+        &mut c,
+        BLOCKS,
+        want,
+        "write-zeroes next to read-modify-write",
+    );
     drop(c);
     d.assert_alive("after write-zeroes next to read-modify-write");
 }
