@@ -3,7 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,8 +56,17 @@ pub struct Image {
     pub path: PathBuf,
     pub file: Arc<File>,
     pub info: EngineInfo,
+    pub zeroing: Zeroing,
+}
+
+/// How discard and write-zeroes reach the image, learnt once at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Zeroing {
     /// FALLOC_FL_ZERO_RANGE works (tmpfs, for one, lacks it).
     pub zero_range: bool,
+    /// The image is a block device with this logical block size: discards go to BLKDISCARD,
+    /// which refuses ranges not aligned to it.
+    pub device_block: Option<u64>,
 }
 
 /// Asks the kernel not to update the image's access time on reads: it means nothing for a disk
@@ -153,14 +162,13 @@ impl Image {
             // kernel's zeroout (the device's WRITE ZEROES, else zero bios) and drops the range
             // from the page cache; where it fails, WRITE_ZEROES falls back to writing zeros.
             // Discard is offered when the device's queue takes discards or write-zeroes.
-            let limit = |attr| {
-                device_queue_limit(std::os::unix::fs::MetadataExt::rdev(&meta), attr).unwrap_or(0)
-            };
+            let limit = |attr| device_queue_limit(meta.rdev(), attr).unwrap_or(0);
             let discard = limit("discard_max_bytes") > 0 || limit("write_zeroes_max_bytes") > 0;
             (discard, true)
         } else {
             probe_fallocate(&file, size, logical_block_size)
         };
+        let device_block = is_blk.then(|| device_logical_block(&file));
         let physical_block_size = u32::try_from(std::os::unix::fs::MetadataExt::blksize(&meta))
             .unwrap_or(4096)
             .clamp(logical_block_size, 1 << 16)
@@ -175,7 +183,10 @@ impl Image {
                 write_zeroes: !read_only,
                 physical_block_size,
             },
-            zero_range,
+            zeroing: Zeroing {
+                zero_range,
+                device_block,
+            },
         })
     }
 }
@@ -191,12 +202,8 @@ fn device_queue_limit(rdev: u64, attr: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The logical block size of `file` if it is a block device.
-pub(crate) fn block_device_logical_block(file: &File) -> Option<u64> {
-    let meta = file.metadata().ok()?;
-    if !meta.file_type().is_block_device() {
-        return None;
-    }
+/// The logical block size of a block device (512 if the kernel will not say).
+fn device_logical_block(file: &File) -> u64 {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
     let r = unsafe {
@@ -206,7 +213,7 @@ pub(crate) fn block_device_logical_block(file: &File) -> Option<u64> {
             &mut size as *mut libc::c_int,
         )
     };
-    Some(if r == 0 && size > 0 { size as u64 } else { 512 })
+    if r == 0 && size > 0 { size as u64 } else { 512 }
 }
 
 pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {

@@ -19,6 +19,7 @@ use super::direct::{Bounce, GateTicket, Planner, held_iov_bytes};
 use super::sync::{self, rw_all};
 use super::{Completion, EngineQueue, Op};
 use crate::blk::GuestIoVecs;
+use crate::image::Zeroing;
 
 /// Threads per queue when io_uring is unavailable.
 const POOL_THREADS: usize = 4;
@@ -115,7 +116,7 @@ pub struct AsyncQueue {
     planner: Option<Planner>,
     /// Buffered fd for discard / write-zeroes fallbacks (any alignment works there).
     sync_file: Arc<File>,
-    zero_range: bool,
+    zeroing: Zeroing,
 }
 
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -124,7 +125,7 @@ impl AsyncQueue {
     pub fn new(
         file: Arc<File>,
         sync_file: Arc<File>,
-        zero_range: bool,
+        zeroing: Zeroing,
         planner: Option<Planner>,
         try_uring: bool,
     ) -> io::Result<Self> {
@@ -158,7 +159,7 @@ impl AsyncQueue {
             },
             planner,
             sync_file,
-            zero_range,
+            zeroing,
         })
     }
 
@@ -493,8 +494,8 @@ impl EngineQueue for AsyncQueue {
                     }
                     _ => Ok(Vec::new()),
                 };
-                let r = fenced
-                    .and_then(|_tickets| sync::execute(&self.sync_file, self.zero_range, other));
+                let r =
+                    fenced.and_then(|_tickets| sync::execute(&self.sync_file, self.zeroing, other));
                 self.st.done.push(Completion { tag, result: r });
                 return;
             }
@@ -642,7 +643,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vublk-aqueue-{}", std::process::id()));
         let file = Arc::new(File::create(&path).expect("scratch file"));
         let _ = std::fs::remove_file(&path);
-        let mut q = AsyncQueue::new(Arc::clone(&file), file, false, None, true).expect("queue");
+        let mut q = AsyncQueue::new(Arc::clone(&file), file, Zeroing::default(), None, true)
+            .expect("queue");
         assert!(
             q.uses_io_uring(),
             "io_uring is available on the machines this runs on"

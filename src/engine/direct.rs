@@ -18,7 +18,7 @@ use super::aligned::{AlignedBuf, BufPool, align_down, align_up};
 use super::aqueue::{AsyncQueue, IoKind, Prepared, Submitter};
 use super::{Engine, EngineInfo, EngineQueue};
 use crate::blk::GuestIoVecs;
-use crate::image::Image;
+use crate::image::{Image, Zeroing};
 
 /// Bounce bytes a queue keeps cached for reuse.
 pub const POOL_BYTES: usize = 8 << 20;
@@ -195,7 +195,7 @@ pub struct DirectShared {
     pub align: DioAlign,
     /// Only needed when the file's block is larger than a sector (RMW is possible).
     pub gate: Option<Arc<WriteGate>>,
-    pub zero_range: bool,
+    pub zeroing: Zeroing,
 }
 
 pub struct DirectEngine {
@@ -225,7 +225,7 @@ impl DirectEngine {
                 sync_file: Arc::clone(&image.file),
                 align,
                 gate,
-                zero_range: image.zero_range,
+                zeroing: image.zeroing,
             }),
             info: image.info.clone(),
             io_uring,
@@ -258,7 +258,7 @@ impl Engine for DirectEngine {
         Ok(Box::new(AsyncQueue::new(
             Arc::clone(&self.shared.file),
             Arc::clone(&self.shared.sync_file),
-            self.shared.zero_range,
+            self.shared.zeroing,
             Some(planner),
             self.io_uring,
         )?))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::mapped::Mapped;
 use super::{Completion, Engine, EngineInfo, EngineQueue, Op};
-use crate::image::Image;
+use crate::image::{Image, Zeroing};
 
 /// Bytes of zeros written per call when the filesystem cannot zero a range itself.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -19,7 +19,7 @@ pub struct SyncEngine {
     mapped: Option<Arc<Mapped>>,
     file: Arc<File>,
     info: EngineInfo,
-    zero_range: bool,
+    zeroing: Zeroing,
 }
 
 impl SyncEngine {
@@ -35,7 +35,7 @@ impl SyncEngine {
             mapped,
             file: Arc::clone(&image.file),
             info: image.info.clone(),
-            zero_range: image.zero_range,
+            zeroing: image.zeroing,
         }
     }
 
@@ -58,7 +58,7 @@ impl Engine for SyncEngine {
         Ok(Box::new(SyncQueue {
             mapped: self.mapped.clone(),
             file: Arc::clone(&self.file),
-            zero_range: self.zero_range,
+            zeroing: self.zeroing,
             done: Vec::new(),
         }))
     }
@@ -71,15 +71,15 @@ impl Engine for SyncEngine {
 struct SyncQueue {
     mapped: Option<Arc<Mapped>>,
     file: Arc<File>,
-    zero_range: bool,
+    zeroing: Zeroing,
     done: Vec<Completion>,
 }
 
 impl EngineQueue for SyncQueue {
     fn submit(&mut self, tag: u64, op: Op) {
         let result = match &self.mapped {
-            Some(m) => execute_mapped(m, &self.file, self.zero_range, op),
-            None => execute(&self.file, self.zero_range, op),
+            Some(m) => execute_mapped(m, &self.file, self.zeroing, op),
+            None => execute(&self.file, self.zeroing, op),
         };
         self.done.push(Completion { tag, result });
     }
@@ -97,7 +97,7 @@ impl EngineQueue for SyncQueue {
 /// through the mapping, successful syscall writes mark their pages, and pages about to be
 /// deallocated are dropped from it first. FUA writes keep `pwritev2` with RWF_DSYNC: rare, and
 /// the flag's meaning stays the kernel's.
-fn execute_mapped(m: &Mapped, file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
+fn execute_mapped(m: &Mapped, file: &File, z: Zeroing, op: Op) -> io::Result<u64> {
     let written = match &op {
         Op::Read { offset, bufs } => {
             if let Some(r) = m.read(*offset, bufs.iovecs(), bufs.len()) {
@@ -119,14 +119,14 @@ fn execute_mapped(m: &Mapped, file: &File, zero_range: bool, op: Op) -> io::Resu
         }
         Op::Flush => None,
     };
-    let r = execute(file, zero_range, op);
+    let r = execute(file, z, op);
     if let (Ok(_), Some((off, len))) = (&r, written) {
         m.mark(off, len);
     }
     r
 }
 
-pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> {
+pub(crate) fn execute(file: &File, z: Zeroing, op: Op) -> io::Result<u64> {
     match op {
         Op::Read { offset, bufs } => {
             rw_all(file, bufs.iovecs(), offset, false, 0)?;
@@ -140,13 +140,13 @@ pub(crate) fn execute(file: &File, zero_range: bool, op: Op) -> io::Result<u64> 
         Op::Flush => file.sync_data().map(|_| 0),
         Op::Discard { ranges } => {
             for (off, len) in ranges {
-                discard(file, off, len)?;
+                discard(file, z.device_block, off, len)?;
             }
             Ok(0)
         }
         Op::WriteZeroes { ranges, unmap } => {
             for (off, len) in ranges {
-                write_zeroes(file, zero_range, off, len, unmap)?;
+                write_zeroes(file, z.zero_range, off, len, unmap)?;
             }
             Ok(0)
         }
@@ -181,8 +181,8 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> i
 /// takes no discards, the kernel's zeroout with unmap allowed (punch-hole on a device), which
 /// needs its write-zeroes offload. A device refuses a range that is not aligned to its logical
 /// block, so only the aligned interior of such a range is deallocated: a discard is a hint.
-fn discard(file: &File, off: u64, len: u64) -> io::Result<()> {
-    let Some(block) = crate::image::block_device_logical_block(file) else {
+fn discard(file: &File, device_block: Option<u64>, off: u64, len: u64) -> io::Result<()> {
+    let Some(block) = device_block else {
         return fallocate(file, PUNCH, off, len);
     };
     let lo = off.next_multiple_of(block);
