@@ -98,8 +98,6 @@ pub fn on_tmpfs(file: &File) -> bool {
 
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-// BLKSSZGET = _IO(0x12, 104)
-const BLKSSZGET: libc::c_ulong = 0x1268;
 
 impl Image {
     pub fn open(
@@ -169,7 +167,15 @@ impl Image {
             probe_fallocate(&file, size, logical_block_size)
         };
         let device_block = is_blk.then(|| device_logical_block(&file));
-        let physical_block_size = u32::try_from(std::os::unix::fs::MetadataExt::blksize(&meta))
+        // A device node's st_blksize is the page size before Linux 6.15 and the device's
+        // minimum I/O size since (a RAID chunk, say): neither is its physical block.
+        let device_physical = if is_blk {
+            device_block_ioctl(&file, libc::BLKPBSZGET)
+        } else {
+            None
+        };
+        let physical_block_size = device_physical
+            .or_else(|| u32::try_from(meta.blksize()).ok())
             .unwrap_or(4096)
             .clamp(logical_block_size, 1 << 16)
             .next_power_of_two();
@@ -204,16 +210,20 @@ fn device_queue_limit(rdev: u64, attr: &str) -> Option<u64> {
 
 /// The logical block size of a block device (512 if the kernel will not say).
 fn device_logical_block(file: &File) -> u64 {
+    device_block_ioctl(file, libc::BLKSSZGET).map_or(512, u64::from)
+}
+
+/// A block size a block device reports through an ioctl that writes one int
+/// (BLKSSZGET, BLKPBSZGET); `None` if it fails or is not positive.
+pub(crate) fn device_block_ioctl(file: &File, request: libc::Ioctl) -> Option<u32> {
     let mut size: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
-    let r = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            BLKSSZGET as _,
-            &mut size as *mut libc::c_int,
-        )
-    };
-    if r == 0 && size > 0 { size as u64 } else { 512 }
+    // SAFETY: both requests write one int through the pointer, which points to a live local.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), request, &mut size as *mut libc::c_int) };
+    if r == 0 {
+        u32::try_from(size).ok().filter(|&s| s > 0)
+    } else {
+        None
+    }
 }
 
 pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {

@@ -147,6 +147,40 @@ fn serve_loop(dir: &TestDir, size: u64, sector: u32, args: &[&str]) -> OnLoop {
     OnLoop { c, d, lo }
 }
 
+/// The topology the guest sees (physical block = libblkio's optimal-io-alignment) is the
+/// device's own physical block (BLKPBSZGET), as sysfs reports it. A device node's st_blksize,
+/// used before, is the page size before Linux 6.15 and the minimum I/O size since.
+#[test]
+fn topology_hint_is_the_devices_physical_block() {
+    for sector in [512u32, 4096] {
+        let dir = TestDir::new(&format!("topology-{sector}"));
+        let env = serve_loop(&dir, 8 * MIB, sector, &["--engine", "direct"]);
+        let name = env
+            .lo
+            .dev
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let sysfs = format!("/sys/block/{name}/queue/physical_block_size");
+        let physical: i32 = std::fs::read_to_string(&sysfs)
+            .unwrap_or_else(|e| panic!("{sysfs}: {e}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{sysfs}: {e}"));
+        assert_eq!(
+            env.c.get_i32("optimal-io-alignment"),
+            physical,
+            "loop device with {sector}-byte sectors"
+        );
+        assert_eq!(
+            env.c.get_i32("request-alignment"),
+            512,
+            "guest sector stays 512"
+        );
+    }
+}
+
 /// 512-byte writes from two queues into the same 4 KiB blocks, all in flight at once: each
 /// needs read-modify-write of its block on a 4096-byte-sector device, and none may undo
 /// another (the engine's write gate orders them). Runs as root (CI does); elsewhere it says why

@@ -103,14 +103,11 @@ fn probe_alignment(file: &File) -> io::Result<DioAlign> {
             offset: u64::from(stx.stx_dio_offset_align),
         });
     }
-    if file.metadata()?.file_type().is_block_device() {
-        let mut ssz: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one int through the pointer, a live local.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut ssz) };
-        if r == 0 && ssz > 0 {
-            let a = ssz as u64;
-            return Ok(DioAlign { mem: a, offset: a });
-        }
+    if file.metadata()?.file_type().is_block_device()
+        && let Some(ssz) = crate::image::device_block_ioctl(file, libc::BLKSSZGET)
+    {
+        let a = u64::from(ssz);
+        return Ok(DioAlign { mem: a, offset: a });
     }
     for a in [512u64, 1024, 2048, 4096, 8192, 16384, 32768, 65536] {
         let mut buf = AlignedBuf::new(a as usize, 65536).ok_or(io::ErrorKind::OutOfMemory)?;
