@@ -65,6 +65,12 @@ pub struct Args {
     #[arg(long)]
     pub read_only: bool,
 
+    /// Allocate the image file's holes at start-up (fallocate), so guest writes overwrite
+    /// allocated blocks instead of allocating them one by one; the space is reserved. Regular
+    /// files only; a guest's DISCARD punches holes again.
+    #[arg(long)]
+    pub preallocate: bool,
+
     /// Do not take QEMU-compatible image locks (by default a second writer — vublk, QEMU or
     /// qemu-storage-daemon — is refused, and readers exclude writers).
     #[arg(long)]

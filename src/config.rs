@@ -25,6 +25,8 @@ pub struct Config {
     pub listen: Listen,
     pub image: PathBuf,
     pub read_only: bool,
+    /// Allocate the image file's holes before serving.
+    pub preallocate: bool,
     /// Skip image locking.
     pub no_lock: bool,
     pub num_queues: u16,
@@ -54,6 +56,8 @@ pub enum ConfigError {
     NoSocket,
     #[error("--blk-file is required")]
     NoImage,
+    #[error("--preallocate writes to the image; it cannot go with --read-only")]
+    PreallocateReadOnly,
     #[error("--num-queues must be 1-64, got {0}")]
     NumQueues(u16),
     #[error("--queue-size must be a power of two in 64-32768, got {0}")]
@@ -162,6 +166,9 @@ impl Config {
             parent_exists(p, "control socket")?;
         }
         let image = a.blk_file.ok_or(ConfigError::NoImage)?;
+        if a.preallocate && a.read_only {
+            return Err(ConfigError::PreallocateReadOnly);
+        }
         if !(1..=64).contains(&a.num_queues) {
             return Err(ConfigError::NumQueues(a.num_queues));
         }
@@ -198,6 +205,7 @@ impl Config {
             listen,
             image,
             read_only: a.read_only,
+            preallocate: a.preallocate,
             no_lock: a.no_lock,
             num_queues: a.num_queues,
             queue_size: a.queue_size,
@@ -267,6 +275,22 @@ mod tests {
         assert_eq!(c.serial.len(), 20);
         assert!(c.serial.starts_with(b"vublk-"));
         assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert!(!c.preallocate);
+    }
+
+    #[test]
+    fn preallocate_needs_a_writable_image() {
+        let base = [
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "/img",
+            "--preallocate",
+        ];
+        assert!(parse(&base).unwrap().preallocate);
+        let mut ro = base.to_vec();
+        ro.push("--read-only");
+        assert_eq!(parse(&ro), Err(ConfigError::PreallocateReadOnly));
     }
 
     #[test]

@@ -330,6 +330,16 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         crate::lock::lock_image(&image.file, !cfg.read_only)
             .map_err(|e| DaemonError::Lock(image.path.clone(), e))?;
     }
+    // After the lock (the image is ours) and before the engine, whose view of allocated pages
+    // (the tmpfs mapping) is taken at start.
+    if cfg.preallocate {
+        let n = image.preallocate()?;
+        info!(
+            "--preallocate: allocated {} MiB of holes in {}",
+            n >> 20,
+            image.path.display()
+        );
+    }
     // A pidfile another daemon holds fails us before we touch any socket.
     let mut pidfile = cfg.pidfile.as_deref().map(Pidfile::claim).transpose()?;
     // Claim the socket before the engine logs anything: a second daemon on a live socket

@@ -51,6 +51,42 @@ fn auto_picks_direct_on_a_disk_filesystem() {
     );
 }
 
+/// `--preallocate` allocates a sparse image's holes before serving (so the direct engine's
+/// writes overwrite instead of allocating) and leaves the data that was there alone.
+#[test]
+fn preallocate_fills_holes_and_keeps_data() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = TestDir::new("prealloc");
+    let img = create_image(&dir.join("disk.img"), 16 * MIB);
+    let data = pattern(31, 64 * 1024);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&data, 5 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let allocated = || std::fs::metadata(&img).unwrap().blocks() * 512;
+    assert!(allocated() < MIB, "the image must start sparse");
+    let d = Daemon::start(&dir, &img, &["--engine", "direct", "--preallocate"]);
+    assert!(
+        allocated() >= 16 * MIB,
+        "{} bytes allocated after --preallocate",
+        allocated()
+    );
+    assert!(
+        d.stderr()
+            .contains("--preallocate: allocated 15 MiB of holes"),
+        "{}",
+        d.stderr()
+    );
+    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    assert_bytes_eq(
+        &c.read_data(0, 5 * MIB, data.len()),
+        &data,
+        "data written before",
+    );
+    assert_bytes_eq(&c.read_data(1, 0, 4096), &[0u8; 4096], "a former hole");
+    roundtrip(&mut c, 32);
+}
+
 /// A block device is never "on tmpfs", although its node in /dev is (devtmpfs): auto must pick
 /// direct for it, not the page-cache engine.
 #[test]
