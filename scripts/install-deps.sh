@@ -14,9 +14,9 @@ sudo=()
 # xz-utils/zstd: newer Debian kernels compress modules and busybox insmod can't read them.
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate (activation tests);
 # systemd-container: systemd-nspawn (scripts/systemd-e2e.sh); strace: the unit's system call
-# filter test; util-linux: unshare, nsenter, setpriv.
+# filter test; util-linux: unshare, nsenter, setpriv; xfsprogs: the XFS extent-size-hint test.
 pkgs=(qemu-system-x86 busybox-static cpio fio diffutils xz-utils zstd systemd systemd-container
-    strace util-linux)
+    strace util-linux xfsprogs)
 updated=
 apt_update() { [[ -n $updated ]] || { "${sudo[@]}" apt-get update -q; updated=1; }; }
 

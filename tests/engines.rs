@@ -87,6 +87,85 @@ fn preallocate_fills_holes_and_keeps_data() {
     roundtrip(&mut c, 32);
 }
 
+/// An XFS filesystem on a loop device, mounted in `dir`; unmounted on drop (before the
+/// device goes).
+struct XfsMount {
+    path: PathBuf,
+}
+
+impl XfsMount {
+    fn new(dev: &Path, path: PathBuf) -> XfsMount {
+        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        assert!(
+            ok(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(dev)),
+            "mkfs.xfs (xfsprogs; scripts/install-deps.sh installs it)"
+        );
+        std::fs::create_dir_all(&path).unwrap();
+        assert!(ok(Command::new("mount").arg(dev).arg(&path)), "mount xfs");
+        XfsMount { path }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// The XFS extent size hint of `img`, from `xfs_io -c extsize` ("[1048576] /path").
+fn xfs_extsize(img: &Path) -> u64 {
+    let out = Command::new("xfs_io")
+        .args(["-c", "extsize"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim_start_matches('[')
+        .split(']')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("xfs_io extsize: {text}"))
+}
+
+/// A new, still unallocated image on XFS gets a 1 MiB extent size hint, as `qemu-img create`
+/// sets, so random writes allocate 1 MiB extents; an image that holds data, or a read-only
+/// one, is left as it is.
+#[test]
+fn new_image_on_xfs_gets_an_extent_size_hint() {
+    let dir = TestDir::new("xfs");
+    let backing = create_image(&dir.join("xfs.back"), 512 * MIB);
+    let lo = Loop::new(&backing, 512).expect("losetup (needs root)");
+    let mnt = XfsMount::new(&lo.dev, dir.join("mnt"));
+    let fresh = create_image(&mnt.path.join("fresh.img"), 16 * MIB);
+    let used = create_image(&mnt.path.join("used.img"), 16 * MIB);
+    let f = std::fs::OpenOptions::new().write(true).open(&used).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f); // an open file would keep the mount busy
+    let ro = create_image(&mnt.path.join("ro.img"), 16 * MIB);
+    {
+        let d = Daemon::start(&dir, &fresh, &["--engine", "direct"]);
+        let mut c = Client::connect(d.socket.as_ref().unwrap());
+        roundtrip(&mut c, 41);
+        assert!(
+            d.stderr().contains("extent size hint 1 MiB"),
+            "{}",
+            d.stderr()
+        );
+    }
+    assert_eq!(xfs_extsize(&fresh), MIB);
+    for (img, extra) in [(&used, &[][..]), (&ro, &["--read-only"][..])] {
+        let mut args = vec!["--engine", "direct"];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(&dir, img, &args);
+        assert!(!d.stderr().contains("extent size hint"), "{}", d.stderr());
+        drop(d);
+        assert_eq!(xfs_extsize(img), 0, "{}", img.display());
+    }
+    drop(mnt);
+    drop(lo);
+}
+
 /// A block device is never "on tmpfs", although its node in /dev is (devtmpfs): auto must pick
 /// direct for it, not the page-cache engine.
 #[test]
