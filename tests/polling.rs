@@ -44,6 +44,21 @@ fn kick_wanted(g: &Guest) -> bool {
     avail_event(g) == avail_idx(g)
 }
 
+/// Kicks are held within 50 ms of a hand-back. The direct engine hands a completion back (used
+/// entry, then the call) before that pass of its worker holds kicks, so a test thread that wakes
+/// on the call can look in between; a driver that kicks then costs one wake-up, nothing more.
+/// CI once caught it there.
+fn kicks_held_soon(g: &Guest) -> bool {
+    let t0 = Instant::now();
+    while kick_wanted(g) {
+        if t0.elapsed() > Duration::from_millis(50) {
+            return false;
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+    true
+}
+
 #[test]
 fn polling_holds_kicks_and_hands_them_back_sync() {
     holds_kicks_and_hands_them_back("sync");
@@ -67,7 +82,7 @@ fn holds_kicks_and_hands_them_back(engine: &str) {
     let t0 = Instant::now();
     read_served(&mut g, 5, 2, true);
     assert!(
-        !kick_wanted(&g),
+        kicks_held_soon(&g),
         "while polling, avail_event must not ask for a kick on the next request"
     );
 
