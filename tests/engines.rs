@@ -5,7 +5,7 @@
 mod common;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use blkio::{Completion, ReqFlags};
@@ -87,31 +87,6 @@ fn preallocate_fills_holes_and_keeps_data() {
     roundtrip(&mut c, 32);
 }
 
-/// An XFS filesystem on a loop device, mounted in `dir`; unmounted on drop (before the
-/// device goes).
-struct XfsMount {
-    path: PathBuf,
-}
-
-impl XfsMount {
-    fn new(dev: &Path, path: PathBuf) -> XfsMount {
-        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
-        assert!(
-            ok(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(dev)),
-            "mkfs.xfs (xfsprogs; scripts/install-deps.sh installs it)"
-        );
-        std::fs::create_dir_all(&path).unwrap();
-        assert!(ok(Command::new("mount").arg(dev).arg(&path)), "mount xfs");
-        XfsMount { path }
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
-}
-
 /// The XFS extent size hint of `img`, from `xfs_io -c extsize` ("[1048576] /path").
 fn xfs_extsize(img: &Path) -> u64 {
     let out = Command::new("xfs_io")
@@ -135,7 +110,7 @@ fn new_image_on_xfs_gets_an_extent_size_hint() {
     let dir = TestDir::new("xfs");
     let backing = create_image(&dir.join("xfs.back"), 512 * MIB);
     let lo = Loop::new(&backing, 512).expect("losetup (needs root)");
-    let mnt = XfsMount::new(&lo.dev, dir.join("mnt"));
+    let mnt = Mount::format("xfs", &lo.dev, &dir.join("mnt"));
     let fresh = create_image(&mnt.path.join("fresh.img"), 16 * MIB);
     let used = create_image(&mnt.path.join("used.img"), 16 * MIB);
     let f = std::fs::OpenOptions::new().write(true).open(&used).unwrap();
@@ -216,33 +191,6 @@ fn direct_engine_falls_back_to_threads_when_seccomp_denies_io_uring() {
         "exit after fallback run: {}",
         describe_status(st)
     );
-}
-
-/// A loop device over a file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn new(backing: &Path, sector_size: u32) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["--sector-size", &sector_size.to_string(), "-f", "--show"])
-            .arg(backing)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
-            return None;
-        }
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(Loop { dev: dev.into() })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
 
 /// A daemon started with `args` on a new loop device with `sector`-byte sectors over a

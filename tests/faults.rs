@@ -3,71 +3,39 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use blkio::ReqFlags;
 use common::*;
 
-/// A small filesystem mounted for one test (tmpfs, or ext4 on a loop device); unmounted on drop.
+/// A small filesystem mounted for one test (tmpfs, or ext4 on a loop device). Fields drop in
+/// order: the mount, then the device.
 struct SmallFs {
-    dir: PathBuf,
-    loop_dev: Option<String>,
+    mount: Mount,
+    _lo: Option<Loop>,
 }
 
 impl SmallFs {
     fn tmpfs(dir: &Path, mib: u64) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount tmpfs (needs root; CI runs as root)");
         SmallFs {
-            dir: dir.to_path_buf(),
-            loop_dev: None,
+            mount: Mount::tmpfs(dir, mib),
+            _lo: None,
         }
     }
 
     fn ext4(dir: &Path, backing: &Path, mib: u64) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
         create_image(backing, mib * MIB);
-        let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(backing)
-            .status()
-            .expect("run mkfs.ext4");
-        assert!(ok.success(), "mkfs.ext4");
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(backing)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup (needs root)");
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let st = Command::new("mount").arg(&dev).arg(dir).status().unwrap();
-        assert!(st.success(), "mount ext4");
+        let lo = Loop::new(backing, 512).expect("losetup (needs root)");
         SmallFs {
-            dir: dir.to_path_buf(),
-            loop_dev: Some(dev),
-        }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        // Lazy: a daemon that is still exiting must not keep the mount alive.
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        if let Some(d) = &self.loop_dev {
-            let _ = Command::new("losetup").arg("-d").arg(d).status();
+            mount: Mount::format("ext4", &lo.dev, dir),
+            _lo: Some(lo),
         }
     }
 }
 
 /// Fills a sparse 64 MiB image on a 16 MiB filesystem until a write fails.
 fn enospc_case(engine: &str, fs: &SmallFs, dir: &TestDir) {
-    let img = create_image(&fs.dir.join("disk.img"), 64 * MIB);
+    let img = create_image(&fs.mount.path.join("disk.img"), 64 * MIB);
     let d = Daemon::start(dir, &img, &["--engine", engine]);
     let mut c = Client::connect(d.socket.as_ref().unwrap());
     let first = pattern(7, MIB as usize);

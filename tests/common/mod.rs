@@ -12,13 +12,15 @@
 //! Every test file includes this module; not every file uses every helper.
 //!
 //! The helpers live in submodules, all re-exported here (tests just `use common::*;`):
-//! `files.rs` (directories, images, data), `daemon.rs` (the process harness) and `client.rs`
+//! `files.rs` (directories, images, data), `mounts.rs` (loop devices, mounted filesystems),
+//! `daemon.rs` (the process harness) and `client.rs`
 //! (libblkio). `allow(dead_code)` below covers the submodules too.
 #![allow(dead_code)]
 
 mod client;
 mod daemon;
 mod files;
+mod mounts;
 
 // Every test file compiles this module on its own and uses only some of it.
 #[allow(unused_imports)]
@@ -27,6 +29,8 @@ pub use client::*;
 pub use daemon::*;
 #[allow(unused_imports)]
 pub use files::*;
+#[allow(unused_imports)]
+pub use mounts::*;
 
 use std::thread;
 use std::time::Duration;
