@@ -9,6 +9,7 @@
 //! - [`vhu_blk`]: the `VhostUserBackend` glue; per-connection state, one thread per queue.
 //! - [`vring`]: the library's vring plus a record of ring sizes virtio-queue refused.
 //! - [`worker`]: per-queue processing: pop chains, parse, submit, complete, notify.
+//!   [`kick_tuner`]: while polling, whether holding the driver's kicks pays (measured).
 //! - [`blk`]: pure virtio-blk: features, config space, request parsing into engine ops.
 //! - [`engine`]: how ops reach the image (`sync`: positional vectored I/O, no lock, reads and
 //!   writes through a mapping on tmpfs; `direct`: O_DIRECT on io_uring).
@@ -27,6 +28,7 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod image;
+pub mod kick_tuner;
 pub mod lock;
 pub mod relay;
 pub mod resize;

@@ -15,6 +15,7 @@ use crate::blk::iov::GuestMem;
 use crate::blk::request::{Command, ID_LEN, Request, used_len};
 use crate::blk::{BlkConfig, Status, parse_request};
 use crate::engine::{Completion, EngineQueue, Op};
+use crate::kick_tuner::KickTuner;
 use crate::stats::{QueueCounters, ReqKind};
 
 /// Requests processed back to back before a worker lets others on its CPU run.
@@ -137,6 +138,8 @@ pub struct QueueWorker {
     /// avail_event was moved behind the index (`hold_kicks`) and not re-armed since: writing
     /// it again would only bounce the cache line the driver reads on every publish.
     kicks_held: bool,
+    /// Whether holding kicks pays off with this driver (measured while polling).
+    tuner: KickTuner,
 }
 
 /// Per-kick flags decided by the glue.
@@ -166,6 +169,7 @@ impl QueueWorker {
             ring_ok: None,
             broken: false,
             kicks_held: false,
+            tuner: KickTuner::default(),
         }
     }
 
@@ -234,6 +238,9 @@ impl QueueWorker {
         handed_back: bool,
     ) -> Result<(), WorkerError> {
         let mut w = PollWindow::start(window, handed_back, Instant::now());
+        // When the last request was picked up with nothing else in flight: the start of the
+        // driver's QD1 cycle, which the kick tuner measures.
+        let mut last_pick: Option<Instant> = None;
         loop {
             if self.broken || self.ring_ok == Some(false) {
                 self.release_kicks(vring, k);
@@ -256,11 +263,39 @@ impl QueueWorker {
                         .is_ok_and(|i| i.0 != q.next_avail())
             };
             if pending || self.engine.has_completions() {
+                if pending {
+                    self.cycle_sample(&mut last_pick);
+                }
                 let handed_back = self.process(vring, dev, k)?;
                 w.processed(handed_back, Instant::now());
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+
+    /// A new request is visible: if nothing was in flight, the time since the previous such
+    /// pick-up is one QD1 cycle of the driver. Deeper queues reset the measurement.
+    fn cycle_sample(&mut self, last_pick: &mut Option<Instant>) {
+        if self.in_flight() > 0 {
+            *last_pick = None;
+            return;
+        }
+        let now = Instant::now();
+        if let Some(t) = last_pick.replace(now)
+            && let Some(v) = self.tuner.sample(now - t)
+        {
+            debug!(
+                "queue {}: driver cycle at QD1 {:.1} µs with kicks on, {:.1} µs holding them: {}",
+                self.index,
+                v.keep_ns as f64 / 1e3,
+                v.hold_ns as f64 / 1e3,
+                if v.hold {
+                    "holding kicks"
+                } else {
+                    "leaving kicks on"
+                }
+            );
         }
     }
 
@@ -343,6 +378,7 @@ impl QueueWorker {
             return Ok(false);
         }
         self.complete(&mem, &mut state, &mut used, k.event_idx)?;
+        let hold = k.hold_kicks && self.tuner.hold();
         // A guest cannot make us hold more requests than its ring has slots, even by reusing
         // heads: past this we stop popping until completions free slots.
         let cap = usize::from(state.get_queue().size());
@@ -351,7 +387,7 @@ impl QueueWorker {
         'ring: loop {
             if k.event_idx {
                 state.disable_notification().map_err(WorkerError::Queue)?;
-                if k.hold_kicks && !self.kicks_held {
+                if hold && !self.kicks_held {
                     hold_kicks(state.get_queue(), &mem);
                     self.kicks_held = true;
                 }
@@ -410,7 +446,7 @@ impl QueueWorker {
                 break;
             }
             // EVENT_IDX: re-enable, then re-check so a request added in between is not missed.
-            if !k.event_idx || k.hold_kicks {
+            if !k.event_idx || hold {
                 break;
             }
             self.kicks_held = false;

@@ -108,3 +108,73 @@ fn holds_kicks_and_hands_them_back(engine: &str) {
     g.check_read(&r, used[0]);
     g.mem.assert_untouched("polling");
 }
+
+/// A libblkio client at queue depth 1 long enough for the kick tuner to probe (it alternates
+/// kicks held and kicks on, then keeps one): every write must read back, on both engines, across
+/// the policy switches. The probe's verdict is logged at debug level, which shows it ran.
+#[test]
+fn qd1_client_across_kick_probes_sync() {
+    qd1_client_across_kick_probes("sync");
+}
+
+#[test]
+fn qd1_client_across_kick_probes_direct() {
+    qd1_client_across_kick_probes("direct");
+}
+
+fn qd1_client_across_kick_probes(engine: &str) {
+    let dir = TestDir::new(&format!("kick-probe-{engine}"));
+    let size = 8 * MIB;
+    let image = create_image_random(&dir.join("disk.img"), size, 0x7e11);
+    let mut model = std::fs::read(&image).unwrap();
+    let d = Daemon::start(
+        &dir,
+        &image,
+        &[
+            "--poll-us",
+            "2000",
+            "--engine",
+            engine,
+            "--log-level",
+            "debug",
+        ],
+    );
+    let mut c = Client::connect(d.socket.as_ref().unwrap());
+    let blocks = size / 4096;
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    // Until the first probe has finished (2048 samples, then 8 epochs of 128; cycles over
+    // 1 ms, a slow disk write, do not count), and a while after it.
+    let mut probed_at = None;
+    while probed_at.is_none_or(|p| n < p + 1000) && t0.elapsed() < Duration::from_secs(90) {
+        if probed_at.is_none() && n % 256 == 0 && d.stderr().contains("driver cycle at QD1") {
+            probed_at = Some(n);
+        }
+        let block = (n.wrapping_mul(0x9e37_79b9) >> 7) % blocks;
+        let off = block * 4096;
+        if n % 2 == 0 {
+            let data = pattern(0x5eed ^ n, 4096);
+            c.write_data(0, off, &data);
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        } else {
+            let got = c.read_data(0, off, 4096);
+            assert!(
+                got == model[off as usize..off as usize + 4096],
+                "request {n}: block {block} read back wrong"
+            );
+        }
+        n += 1;
+    }
+    assert!(
+        probed_at.is_some(),
+        "after {n} QD1 requests the kick tuner never finished a probe; stderr:\n{}",
+        d.stderr()
+    );
+    for off in (0..size).step_by(MIB as usize) {
+        let got = c.read_data(0, off, MIB as usize);
+        assert!(
+            got == model[off as usize..(off + MIB) as usize],
+            "MiB at {off} differs from the model after the probes"
+        );
+    }
+}
