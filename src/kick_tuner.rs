@@ -7,7 +7,7 @@
 //! sleeps. Which one wins depends on what the driver's sleep costs on that host. On the
 //! benchmark VM, whose idle vCPUs halt, a QD1 libblkio client took 18–19 µs per request with
 //! kicks held and 10–15 µs with them on; with the halts switched off it was the other way round
-//! (8 against 12 µs). So the worker measures instead of assuming.
+//! (8–9 against 12–13 µs). So the worker measures instead of assuming.
 //!
 //! The measure is the driver's cycle at queue depth 1: from picking up one request to picking up
 //! the next, when nothing else was in flight (the whole round trip, the doorbell included). Every
