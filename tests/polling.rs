@@ -147,12 +147,15 @@ fn qd1_client_across_kick_probes(engine: &str) {
     // 1 ms, a slow disk write, do not count), and a while after it.
     let mut probed_at = None;
     while probed_at.is_none_or(|p| n < p + 1000) && t0.elapsed() < Duration::from_secs(90) {
-        if probed_at.is_none() && n % 256 == 0 && d.stderr().contains("driver cycle at QD1") {
+        if probed_at.is_none()
+            && n.is_multiple_of(256)
+            && d.stderr().contains("driver cycle at QD1")
+        {
             probed_at = Some(n);
         }
         let block = (n.wrapping_mul(0x9e37_79b9) >> 7) % blocks;
         let off = block * 4096;
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let data = pattern(0x5eed ^ n, 4096);
             c.write_data(0, off, &data);
             model[off as usize..off as usize + 4096].copy_from_slice(&data);
