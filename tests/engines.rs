@@ -431,6 +431,50 @@ fn discard_on_a_block_device_deallocates() {
     }
 }
 
+/// A device whose queue takes write-zeroes but no discards is offered DISCARD too, and on
+/// Linux 6.x both the plain discard and the punch-hole fallback can refuse it (a loop device
+/// with `discard_max_bytes` set to 0 does). A discard is a hint, so the guest must still get
+/// OK, and the range must read back as its data or as zeros, never anything else.
+#[test]
+fn discard_is_a_hint_where_the_device_refuses_it() {
+    let dir = TestDir::new("blk-nodiscard");
+    let backing = create_image_random(&dir.join("backing.img"), 64 * MIB, 21);
+    let lo = Loop::new(&backing, 512).expect("losetup (needs root)");
+    let name = lo
+        .dev
+        .file_name()
+        .expect("loop name")
+        .to_string_lossy()
+        .into_owned();
+    let limit = format!("/sys/block/{name}/queue/discard_max_bytes");
+    std::fs::write(&limit, "0").unwrap_or_else(|e| panic!("writing 0 to {limit}: {e}"));
+    for engine in ["sync", "direct"] {
+        let d = Daemon::start(&dir, &lo.dev, &["--engine", engine]);
+        assert!(
+            d.stderr().contains("discard on"),
+            "{engine}: write-zeroes alone should offer DISCARD:\n{}",
+            d.stderr()
+        );
+        let mut c = Client::connect(d.socket.as_ref().unwrap());
+        let (off, len) = (4 * MIB, 8 * MIB);
+        let old = c.read_data(0, off, len as usize);
+        c.q(0)
+            .flush()
+            .unwrap_or_else(|e| panic!("{engine}: flush: {e}"));
+        c.q(0)
+            .discard(off, len)
+            .unwrap_or_else(|e| panic!("{engine}: discard refused by the device: {e}"));
+        let back = c.read_data(1, off, len as usize);
+        for (i, (b, o)) in back.chunks(512).zip(old.chunks(512)).enumerate() {
+            assert!(
+                b == o || b.iter().all(|&x| x == 0),
+                "{engine}: sector {i} of the discarded range is neither its data nor zeros"
+            );
+        }
+        d.assert_alive("after a refused discard");
+    }
+}
+
 /// A counter from /proc/PID/io.
 fn proc_io(pid: i32, key: &str) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");

@@ -179,7 +179,8 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> i
 /// Deallocates a range. A file gets a hole (reads back zeros). A block device gets a plain
 /// discard (BLKDISCARD: the range may keep its old data, which virtio allows), or, if its queue
 /// takes no discards, the kernel's zeroout with unmap allowed (punch-hole on a device), which
-/// needs its write-zeroes offload. A device refuses a range that is not aligned to its logical
+/// needs its write-zeroes offload; where that is refused too, the discard is dropped (it is a
+/// hint, as in QEMU). A device refuses a range that is not aligned to its logical
 /// block, so only the aligned interior of such a range is deallocated: a discard is a hint.
 fn discard(file: &File, device_block: Option<u64>, off: u64, len: u64) -> io::Result<()> {
     let Some(block) = device_block else {
@@ -198,7 +199,18 @@ fn discard(file: &File, device_block: Option<u64>, off: u64, len: u64) -> io::Re
         return Ok(());
     }
     match io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => fallocate(file, PUNCH, lo, hi - lo),
+        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            match fallocate(file, PUNCH, lo, hi - lo) {
+                // Neither way is open (a queue with write-zeroes but no discards can refuse the
+                // unmapping zeroout too). The guest only said it no longer needs the range.
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| log::info!("the device refuses discards; they are ignored"));
+                    Ok(())
+                }
+                r => r,
+            }
+        }
         e => Err(e),
     }
 }

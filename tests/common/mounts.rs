@@ -7,6 +7,26 @@ use std::process::Command;
 /// A loop device over a file, detached on drop.
 pub struct Loop {
     pub dev: PathBuf,
+    /// A device made for this test (`Loop::made`): removed on drop.
+    made: Option<u32>,
+}
+
+/// `/dev/loop-control` requests (linux/loop.h).
+const LOOP_CTL_ADD: libc::c_ulong = 0x4C80;
+const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
+
+fn loop_control(request: libc::c_ulong, index: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    // SAFETY: LOOP_CTL_ADD/REMOVE take the device index by value; no memory is passed.
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), request as _, libc::c_ulong::from(index)) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Loop {
@@ -22,13 +42,53 @@ impl Loop {
             return None;
         }
         let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(Loop { dev: dev.into() })
+        Some(Loop {
+            dev: dev.into(),
+            made: None,
+        })
+    }
+
+    /// A loop device of its own at a high index (`losetup -f` hands out the lowest free one,
+    /// so other tests do not get it), removed on drop, for a test that changes the device's
+    /// queue limits: some cannot be set back (Linux zeroes `discard_granularity` with
+    /// `discard_max_bytes`, and then refuses any non-zero value), and a removed device comes
+    /// back with fresh ones.
+    pub fn made(backing: &Path, sector_size: u32) -> Loop {
+        let index = 900 + std::process::id() % 100;
+        let _ = loop_control(LOOP_CTL_REMOVE, index);
+        loop_control(LOOP_CTL_ADD, index)
+            .unwrap_or_else(|e| panic!("LOOP_CTL_ADD {index} (needs root): {e}"));
+        let dev = PathBuf::from(format!("/dev/loop{index}"));
+        let lo = Loop {
+            dev,
+            made: Some(index),
+        };
+        let st = Command::new("losetup")
+            .args(["--sector-size", &sector_size.to_string()])
+            .arg(&lo.dev)
+            .arg(backing)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "losetup {}",
+            lo.dev.display()
+        );
+        lo
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        if let Some(index) = self.made {
+            // Detaching is asynchronous; the device is busy until it completes.
+            for _ in 0..50 {
+                if loop_control(LOOP_CTL_REMOVE, index).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
     }
 }
 
