@@ -471,6 +471,11 @@ fn discard_is_a_hint_where_the_device_refuses_it() {
                 "{engine}: sector {i} of the discarded range is neither its data nor zeros"
             );
         }
+        assert!(
+            d.stderr().contains("the device refuses discards"),
+            "{engine}: the device should have refused the discard:\n{}",
+            d.stderr()
+        );
         d.assert_alive("after a refused discard");
     }
 }
