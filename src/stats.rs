@@ -60,6 +60,11 @@ pub struct QueueStats {
     /// its ring has slots; this shows it).
     in_flight_peak: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
+    /// `--poll-us` kick tuner: probes finished, and how many of them left kicks on.
+    kick_verdicts: AtomicU64,
+    kick_verdicts_on: AtomicU64,
+    /// The latest verdict: 0 none yet, 1 holding kicks, 2 kicks on.
+    kick_policy: AtomicU64,
 }
 
 /// Adds to a counter that has a single writer: no locked instruction needed.
@@ -108,6 +113,13 @@ impl QueueStats {
             in_flight: l(&self.in_flight),
             in_flight_peak: l(&self.in_flight_peak),
             latency_us_log2: self.latency.iter().map(l).collect(),
+            kick_verdicts: l(&self.kick_verdicts),
+            kick_verdicts_on: l(&self.kick_verdicts_on),
+            kicks_on: match l(&self.kick_policy) {
+                1 => Some(false),
+                2 => Some(true),
+                _ => None,
+            },
         }
     }
 }
@@ -158,6 +170,17 @@ impl QueueCounters {
             (false, _) => bump(&s.errors, 1),
         }
         bump(&s.latency[latency_bucket(latency)], 1);
+    }
+
+    /// The kick tuner finished a probe: `on` if it left the driver's kicks on.
+    pub fn kick_verdict(&self, on: bool) {
+        bump(&self.s.kick_verdicts, 1);
+        if on {
+            bump(&self.s.kick_verdicts_on, 1);
+        }
+        self.s
+            .kick_policy
+            .store(if on { 2 } else { 1 }, Ordering::Relaxed);
     }
 
     /// A GET_ID request was answered.
@@ -295,6 +318,14 @@ pub struct QueueSnapshot {
     pub in_flight_peak: u64,
     /// Latency histogram of image requests, bucket `i` below `latency_bucket_upper_us[i]`.
     pub latency_us_log2: Vec<u64>,
+    /// `--poll-us`: the kick tuner's probes so far, and how many left the driver's kicks on.
+    #[serde(default)]
+    pub kick_verdicts: u64,
+    #[serde(default)]
+    pub kick_verdicts_on: u64,
+    /// The latest verdict (`true`: kicks on); unset before the first, and in the totals.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kicks_on: Option<bool>,
 }
 
 impl QueueSnapshot {
@@ -311,6 +342,8 @@ impl QueueSnapshot {
         self.errors += o.errors;
         self.in_flight += o.in_flight;
         self.in_flight_peak = self.in_flight_peak.max(o.in_flight_peak);
+        self.kick_verdicts += o.kick_verdicts;
+        self.kick_verdicts_on += o.kick_verdicts_on;
         if self.latency_us_log2.len() < o.latency_us_log2.len() {
             self.latency_us_log2.resize(o.latency_us_log2.len(), 0);
         }
@@ -371,6 +404,9 @@ impl QueueSnapshot {
                 .enumerate()
                 .map(|(i, c)| d(*c, earlier.latency_us_log2.get(i).copied().unwrap_or(0)))
                 .collect(),
+            kick_verdicts: d(self.kick_verdicts, earlier.kick_verdicts),
+            kick_verdicts_on: d(self.kick_verdicts_on, earlier.kick_verdicts_on),
+            kicks_on: self.kicks_on,
         }
     }
 }
@@ -501,6 +537,19 @@ pub fn format_table(s: &StatsSnapshot) -> String {
     if idle > 0 {
         let _ = writeln!(out, "({idle} queues without requests not shown)");
     }
+    for q in s.queues.iter().filter(|q| q.kick_verdicts > 0) {
+        let _ = writeln!(
+            out,
+            "queue {} kick tuner: kicks left on in {} of {} probes, now {}",
+            q.queue.unwrap_or_default(),
+            q.kick_verdicts_on,
+            q.kick_verdicts,
+            match q.kicks_on {
+                Some(true) => "on",
+                _ => "held",
+            }
+        );
+    }
     out
 }
 
@@ -628,5 +677,52 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("read 1.0 MiB/s"), "{line}");
+    }
+
+    #[test]
+    fn kick_verdicts_are_counted_and_shown() {
+        let d = DeviceStats::new(
+            2,
+            DeviceInfo {
+                image: "/img".into(),
+                engine: "sync".into(),
+                size: (1 << 20).into(),
+                read_only: false,
+            },
+        );
+        let c = d.counters(0);
+        let s = d.snapshot();
+        assert_eq!((s.queues[0].kick_verdicts, s.queues[0].kicks_on), (0, None));
+        assert!(
+            !format_table(&s).contains("kick tuner"),
+            "no line before a probe"
+        );
+        for on in [true, true, false] {
+            c.kick_verdict(on);
+        }
+        let s = d.snapshot();
+        let q = &s.queues[0];
+        assert_eq!(
+            (q.kick_verdicts, q.kick_verdicts_on, q.kicks_on),
+            (3, 2, Some(false))
+        );
+        assert_eq!((s.total.kick_verdicts, s.total.kicks_on), (3, None));
+        let t = format_table(&s);
+        assert!(
+            t.contains("queue 0 kick tuner: kicks left on in 2 of 3 probes, now held"),
+            "{t}"
+        );
+        c.kick_verdict(true);
+        let later = d.snapshot().queues[0].clone();
+        let delta = later.since(q);
+        assert_eq!((delta.kick_verdicts, delta.kicks_on), (1, Some(true)));
+        // Older JSON without these fields still parses.
+        let json = serde_json::to_string(&later).unwrap().replace(
+            ",\"kick_verdicts\":4,\"kick_verdicts_on\":3,\"kicks_on\":true",
+            "",
+        );
+        assert!(!json.contains("kick"), "{json}");
+        let back: QueueSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.kick_verdicts, back.kicks_on), (0, None));
     }
 }

@@ -285,6 +285,7 @@ impl QueueWorker {
         if let Some(t) = last_pick.replace(now)
             && let Some(v) = self.tuner.sample(now - t)
         {
+            self.stats.kick_verdict(!v.hold);
             debug!(
                 "queue {}: driver cycle at QD1 {:.1} µs with kicks on, {:.1} µs holding them: {}",
                 self.index,

@@ -127,6 +127,7 @@ fn qd1_client_across_kick_probes(engine: &str) {
     let size = 8 * MIB;
     let image = create_image_random(&dir.join("disk.img"), size, 0x7e11);
     let mut model = std::fs::read(&image).unwrap();
+    let ctl = dir.join("ctl.sock");
     let d = Daemon::start(
         &dir,
         &image,
@@ -137,6 +138,8 @@ fn qd1_client_across_kick_probes(engine: &str) {
             engine,
             "--log-level",
             "debug",
+            "--control-socket",
+            ctl.to_str().unwrap(),
         ],
     );
     let mut c = Client::connect(d.socket.as_ref().unwrap());
@@ -180,4 +183,34 @@ fn qd1_client_across_kick_probes(engine: &str) {
             "MiB at {off} differs from the model after the probes"
         );
     }
+    // `vublk stats` reports the probes exactly as the log does. A verdict is counted and
+    // logged before the request that ended its probe is answered, and the client is idle
+    // from here on, so the two readings see the same probes.
+    let st = vublk::control::fetch_stats(&ctl)
+        .unwrap_or_else(|e| panic!("stats: {}", vublk::error_chain(&e)));
+    let log = d.stderr();
+    let verdicts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("driver cycle at QD1"))
+        .collect();
+    let on = verdicts
+        .iter()
+        .filter(|l| l.ends_with("leaving kicks on"))
+        .count() as u64;
+    let q0 = &st.queues[0];
+    assert_eq!(
+        (q0.kick_verdicts, q0.kick_verdicts_on),
+        (verdicts.len() as u64, on),
+        "stats against the log:\n{log}"
+    );
+    let last_on = verdicts.last().map(|l| l.ends_with("leaving kicks on"));
+    assert_eq!(q0.kicks_on, last_on, "the latest verdict");
+    assert!(
+        vublk::stats::format_table(&st).contains(&format!(
+            "queue 0 kick tuner: kicks left on in {on} of {} probes",
+            verdicts.len()
+        )),
+        "{}",
+        vublk::stats::format_table(&st)
+    );
 }
