@@ -641,17 +641,22 @@ mod tests {
         assert_eq!(fmt_quantile(Some(Some(16384))), "<16ms");
     }
 
-    #[test]
-    fn json_round_trip_and_table() {
-        let d = DeviceStats::new(
-            3,
+    /// Stats of a 1 MiB "/img" on the sync engine with `queues` queues.
+    fn img_stats(queues: usize) -> DeviceStats {
+        DeviceStats::new(
+            queues,
             DeviceInfo {
                 image: "/img".into(),
                 engine: "sync".into(),
                 size: (1 << 20).into(),
                 read_only: false,
             },
-        );
+        )
+    }
+
+    #[test]
+    fn json_round_trip_and_table() {
+        let d = img_stats(3);
         let c = d.counters(1);
         c.submitted();
         c.completed(ReqKind::Read, 1 << 20, true, Duration::from_micros(30));
@@ -681,15 +686,7 @@ mod tests {
 
     #[test]
     fn kick_verdicts_are_counted_and_shown() {
-        let d = DeviceStats::new(
-            2,
-            DeviceInfo {
-                image: "/img".into(),
-                engine: "sync".into(),
-                size: (1 << 20).into(),
-                read_only: false,
-            },
-        );
+        let d = img_stats(2);
         let c = d.counters(0);
         let s = d.snapshot();
         assert_eq!((s.queues[0].kick_verdicts, s.queues[0].kicks_on), (0, None));
