@@ -179,9 +179,9 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> i
 /// Deallocates a range. A file gets a hole (reads back zeros). A block device gets a plain
 /// discard (BLKDISCARD: the range may keep its old data, which virtio allows), or, if its queue
 /// takes no discards, the kernel's zeroout with unmap allowed (punch-hole on a device), which
-/// needs its write-zeroes offload; where that is refused too, the discard is dropped (it is a
-/// hint, as in QEMU). A device refuses a range that is not aligned to its logical
-/// block, so only the aligned interior of such a range is deallocated: a discard is a hint.
+/// needs its write-zeroes offload. A discard is a hint: where both are refused it is dropped
+/// (as in QEMU), and since a device refuses a range that is not aligned to its logical block,
+/// only the aligned interior of such a range is deallocated.
 fn discard(file: &File, device_block: Option<u64>, off: u64, len: u64) -> io::Result<()> {
     let Some(block) = device_block else {
         return fallocate(file, PUNCH, off, len);
@@ -198,20 +198,19 @@ fn discard(file: &File, device_block: Option<u64>, off: u64, len: u64) -> io::Re
     if r == 0 {
         return Ok(());
     }
-    match io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            match fallocate(file, PUNCH, lo, hi - lo) {
-                // Neither way is open (a queue with write-zeroes but no discards can refuse the
-                // unmapping zeroout too). The guest only said it no longer needs the range.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| log::info!("the device refuses discards; they are ignored"));
-                    Ok(())
-                }
-                r => r,
-            }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    match fallocate(file, PUNCH, lo, hi - lo) {
+        // Neither way is open (a queue with write-zeroes but no discards can refuse the
+        // unmapping zeroout too). The guest only said it no longer needs the range.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| log::info!("the device refuses discards; they are ignored"));
+            Ok(())
         }
-        e => Err(e),
+        r => r,
     }
 }
 
