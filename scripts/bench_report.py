@@ -203,6 +203,13 @@ p("")
 by_rep = {}
 for r in rows:
     by_rep.setdefault((r["workload"], r.get("rep")), {})[r["backend"]] = r
+
+
+def paired_ratios(w, b, ref):
+    """Each repetition's IOPS of `b` over `ref`'s, for workload `w`."""
+    return [g[b]["iops"] / g[ref]["iops"] for (ww, _), g in by_rep.items()
+            if ww == w and b in g and ref in g and g[ref]["iops"]]
+
 if vublks and refs:
     p("## Paired ratios (IOPS, per repetition)")
     p("")
@@ -218,8 +225,7 @@ if vublks and refs:
             cells = [title, backend_name(b)]
             any_pair = False
             for ref, _ in refs:
-                rs = [g[b]["iops"] / g[ref]["iops"] for (ww, _), g in by_rep.items()
-                      if ww == w and b in g and ref in g and g[ref]["iops"]]
+                rs = paired_ratios(w, b, ref)
                 if not rs:
                     cells.append("–")
                     continue
@@ -277,8 +283,7 @@ for w, title in workloads.items():
 # same-repetition ratios, shown beside them). Written out so that a run's verdict is read off
 # the data, not tallied by hand.
 def paired(w, b, ref, digits=2):
-    rs = [g[b]["iops"] / g[ref]["iops"] for (ww, _), g in by_rep.items()
-          if ww == w and b in g and ref in g and g[ref].get("iops")]
+    rs = paired_ratios(w, b, ref)
     return f" (paired {statistics.median(rs):.{digits}f}×)" if rs else ""
 
 
@@ -286,13 +291,11 @@ def per_io_cpu_us(s):
     return None if not s or not s["iops_per_core"] else 1e6 / s["iops_per_core"]
 
 
-crit = []  # (point, variant, measured, needs, holds)
+crit = []  # (point, backend id, measured, needs, holds)
 
 
 def judge(point, b, value, need, ok, extra=""):
-    if value is None:
-        return
-    crit.append((point, backend_name(b), value + extra, need, ok))
+    crit.append((point, b, value + extra, need, ok))
 
 
 polls = [b for b in vublks if "+poll" in b]
@@ -357,10 +360,10 @@ if crit:
     p("| point | vublk | measured | needs | holds |")
     p("|---|---|--:|--:|---|")
     for point, b, val, need, ok in crit:
-        p(f"| {point} | {b} | {val} | {need} | {'yes' if ok else '**no**'} |")
+        p(f"| {point} | {backend_name(b)} | {val} | {need} | {'yes' if ok else '**no**'} |")
     p("")
     for b in vublks:
-        miss = [pt for pt, bb, _, _, ok in crit if bb == backend_name(b) and not ok]
+        miss = [pt for pt, bb, _, _, ok in crit if bb == b and not ok]
         p(f"- {backend_name(b)}: " + ("holds every point it was measured on." if not miss
                                        else f"misses {len(miss)}: " + "; ".join(miss) + "."))
     p("")
